@@ -150,12 +150,27 @@ def jacobson_truax_cutoff(
     return (sd_clin * m_func + sd_func * m_clin) / (sd_clin + sd_func)
 
 
-_REGISTRY_KEYS = frozenset({"name", "range", "better", "cutoff", "reliable_change", "bands",
-                            "source", "unverified"})
-_CUSTOM_KEYS = frozenset({
-    "name", "range", "better", "cutoff", "reliable_change", "reliability", "sd", "confidence",
-    "clinical", "functional", "cutoff_criterion", "bands", "source", "unverified",
-})
+_REGISTRY_KEYS = frozenset(
+    {"name", "range", "better", "cutoff", "reliable_change", "bands", "source", "unverified"}
+)
+_CUSTOM_KEYS = frozenset(
+    {
+        "name",
+        "range",
+        "better",
+        "cutoff",
+        "reliable_change",
+        "reliability",
+        "sd",
+        "confidence",
+        "clinical",
+        "functional",
+        "cutoff_criterion",
+        "bands",
+        "source",
+        "unverified",
+    }
+)
 
 
 def parse_instrument(instrument_id: str, spec: Any, where: str = "instruments") -> Instrument:
@@ -175,7 +190,8 @@ def parse_instrument(instrument_id: str, spec: Any, where: str = "instruments") 
     lo = hi = 0
     rng = spec.get("range")
     if (
-        isinstance(rng, list | tuple) and len(rng) == 2
+        isinstance(rng, list | tuple)
+        and len(rng) == 2
         and all(isinstance(v, int) and not isinstance(v, bool) for v in rng)
     ):
         lo, hi = int(rng[0]), int(rng[1])
@@ -184,7 +200,7 @@ def parse_instrument(instrument_id: str, spec: Any, where: str = "instruments") 
 
     better_raw = spec.get("better")
     try:
-        better = Better(better_raw)
+        better = Better(str(better_raw))
     except ValueError:
         problems.append(f"{here}.better: expected 'lower' or 'higher', got {better_raw!r}")
         better = Better.LOWER
@@ -200,7 +216,8 @@ def parse_instrument(instrument_id: str, spec: Any, where: str = "instruments") 
     elif isinstance(raw_bands, list) and raw_bands:
         for i, b in enumerate(raw_bands):
             ok = (
-                isinstance(b, list | tuple) and len(b) in (2, 3)
+                isinstance(b, list | tuple)
+                and len(b) in (2, 3)
                 and all(isinstance(v, int) and not isinstance(v, bool) for v in b[:2])
                 and int(b[0]) <= int(b[1])
             )
@@ -208,7 +225,9 @@ def parse_instrument(instrument_id: str, spec: Any, where: str = "instruments") 
                 label = str(b[2]) if len(b) == 3 else f"{b[0]}-{b[1]}"
                 bands.append(Band(lo=int(b[0]), hi=int(b[1]), label=label))
             else:
-                problems.append(f"{here}.bands[{i}]: expected [lo, hi, label] with lo <= hi, got {b!r}")
+                problems.append(
+                    f"{here}.bands[{i}]: expected [lo, hi, label] with lo <= hi, got {b!r}"
+                )
     else:
         problems.append(f"{here}.bands: expected a list of [lo, hi, label], got {raw_bands!r}")
 
@@ -278,7 +297,9 @@ def _parse_cutoff(
         return None, None
     if "cutoff" in spec:
         if "cutoff_criterion" in spec:
-            problems.append(f"{here}.cutoff_criterion: only applies with clinical + functional norms")
+            problems.append(
+                f"{here}.cutoff_criterion: only applies with clinical + functional norms"
+            )
         return as_number(spec["cutoff"], f"{here}.cutoff", problems), None
     if has_norms:
         norms: list[tuple[float, float]] = []
@@ -315,13 +336,17 @@ def _default_bands(lo: int, hi: int, better: Better, cutoff: float) -> list[Band
         first_case = max(lo, min(hi, math.ceil(cutoff)))
         if first_case <= lo:
             return [Band(lo=lo, hi=hi, label="all")]
-        return [Band(lo=lo, hi=first_case - 1, label="below cut-off"),
-                Band(lo=first_case, hi=hi, label="at or over cut-off")]
+        return [
+            Band(lo=lo, hi=first_case - 1, label="below cut-off"),
+            Band(lo=first_case, hi=hi, label="at or over cut-off"),
+        ]
     last_case = min(hi, max(lo, math.ceil(cutoff) - 1))
     if last_case >= hi:
         return [Band(lo=lo, hi=hi, label="all")]
-    return [Band(lo=lo, hi=last_case, label="under cut-off"),
-            Band(lo=last_case + 1, hi=hi, label="at or over cut-off")]
+    return [
+        Band(lo=lo, hi=last_case, label="under cut-off"),
+        Band(lo=last_case + 1, hi=hi, label="at or over cut-off"),
+    ]
 
 
 def parse_instruments(specs: Any, where: str = "instruments") -> dict[str, Instrument]:

@@ -1,0 +1,104 @@
+"""Exact, local-only outcome summary per instrument and intake band.
+
+These figures are exact counts about the clinic's own clients. They are for the clinic
+and never leave the site: nothing here is differentially private.
+
+Effect size: mean change divided by the SD of intake scores of the instrument's episodes
+at caseness at intake (ACORN's convention), the same reference SD for every band so
+that bands are comparable; improvement is positive.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from site_agent.outcomes import JT, Episodes, Reliable
+
+__all__ = ["LOCAL_ONLY", "summarize"]
+
+LOCAL_ONLY = (
+    "LOCAL ONLY: exact figures about this clinic's own clients. They are not "
+    "differentially private and never leave the site."
+)
+
+
+def _num(x: float) -> float | None:
+    return None if not math.isfinite(x) else round(float(x), 4)
+
+
+def _group(t: pd.DataFrame, ref_sd: float, has_rc: bool) -> dict[str, Any]:
+    n = len(t)
+    change = t["change"].to_numpy(dtype=np.float64)
+    mean_change = float(change.mean()) if n else math.nan
+    sd_change = float(change.std(ddof=1)) if n > 1 else math.nan
+    out: dict[str, Any] = {
+        "episodes": n,
+        "mean_intake": _num(float(t["intake"].mean()) if n else math.nan),
+        "mean_change": _num(mean_change),
+        "sd_change": _num(sd_change),
+        "effect_size": _num(mean_change / ref_sd if ref_sd > 0 else math.nan),
+        "case_at_intake": int(t["case_start"].sum()),
+    }
+    rel = t["reliable"].to_numpy()
+    jt = t["jt"].to_numpy()
+
+    def count(mask: np.ndarray[Any, Any]) -> int | None:
+        return int(mask.sum()) if has_rc else None
+
+    out |= {
+        "reliably_improved": count(rel == Reliable.IMPROVED),
+        "no_reliable_change": count(rel == Reliable.NO_CHANGE),
+        "reliably_deteriorated": count(rel == Reliable.DETERIORATED),
+        "recovered": int(t["recovered"].sum()),
+        "reliably_recovered": count(t["reliably_recovered"].to_numpy()),
+        "response": int(t["response"].sum()),
+        "remission": int(t["remission"].sum()),
+        "jacobson_truax": {
+            "recovered": count(jt == JT.RECOVERED),
+            "improved": count(jt == JT.IMPROVED),
+            "unchanged": count(jt == JT.UNCHANGED),
+            "deteriorated": count(jt == JT.DETERIORATED),
+        },
+    }
+    return out
+
+
+def summarize(episodes: Mapping[str, Episodes]) -> list[dict[str, Any]]:
+    """One entry per instrument: exclusions, then groups ``all`` and one per intake band."""
+    result: list[dict[str, Any]] = []
+    for ins_id in sorted(episodes):
+        ep = episodes[ins_id]
+        t = ep.table
+        ins = ep.instrument
+        clinical = t.loc[t["case_start"], "intake"]
+        ref_sd = float(clinical.std(ddof=1)) if len(clinical) > 1 else math.nan
+        groups = [
+            {"band": "all", "label": "all intakes", **_group(t, ref_sd, ep.has_reliable_change)}
+        ]
+        for i, band in enumerate(ins.bands):
+            groups.append(
+                {
+                    "band": band.name,
+                    "label": band.label,
+                    **_group(t[t["band"] == i], ref_sd, ep.has_reliable_change),
+                }
+            )
+        result.append(
+            {
+                "instrument": ins_id,
+                "reliable_change_points": _num(ins.reliable_change)
+                if ins.reliable_change
+                else None,
+                "cutoff": ins.cutoff,
+                "better": str(ins.better),
+                "effect_size_reference_sd": _num(ref_sd),
+                "excluded": dict(ep.excluded),
+                "groups": groups,
+            }
+        )
+    return result
