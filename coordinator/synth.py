@@ -11,11 +11,12 @@ the end. Per episode:
   whose expected change is zero (so that >= 25% start below the cut-off);
 - trajectory: expected severity at session k is ``intake - gain * ln(k)`` (log-linear),
   where ``gain`` grows with intake severity, varies per client and carries a therapist
-  effect (about 5% of outcome variance); about 5% of episodes have a negative gain
-  (deterioration);
-- length: 1 + negative binomial sessions (median 5, mean 6.5, SD 4), linked by rank to the
-  gain so that fast improvers leave early; about 20% of episodes are drop-outs, drawn
-  mostly from the short ones (they stopped before their final planned session);
+  effect (about 5% of outcome variance); 7% of episodes have a negative gain, so that
+  5-10% reliably deteriorate;
+- length: a rounded lognormal number of sessions (median 5, mean 6.5, SD 4.4, at least 1,
+  at most 30), linked by rank to the gain so that fast improvers leave early; about 20%
+  of episodes are drop-outs, drawn mostly from the short ones (they stopped before their
+  final planned session, and gained less per session);
 - each administration adds measurement error with SEM = reliable change / (1.96 sqrt 2),
   which for PHQ-9 (6 points) is 2.16, i.e. intake SD 6.5 with alpha .89; scores are
   rounded and clipped to the instrument's range;
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from enum import StrEnum
 from pathlib import Path
@@ -86,17 +87,16 @@ _REF_INTAKE_MEAN = 16.0  # NHS Talking Therapies intakes average in the moderate
 _REF_INTAKE_SD = 4.5
 _REF_SUBCLINICAL_MEAN = 5.5
 _REF_SUBCLINICAL_SD = 2.2
-_REF_GAIN_MEAN = 4.2  # points per unit ln(session): about 7 points by session 6 (d about 1.1)
+_REF_GAIN_MEAN = 5.2  # points per unit ln(session): about 7 points by session 6 (d about 1.1)
 _REF_GAIN_SD = 1.8
 _REF_GAIN_PER_INTAKE = 0.12
 _REF_SUBCLINICAL_GAIN_SD = 0.5
 _REF_DETERIORATION_GAIN = 3.5
 _REF_DETERIORATION_GAIN_SD = 1.2
-_REF_THERAPIST_SD = 0.55
+_REF_THERAPIST_SD = 0.8
 _REF_SEM = 6.0 / (1.96 * math.sqrt(2.0))  # PHQ-9 reliable change of 6 points
 
 _MIN_CLIENTS = 10
-_MAX_SESSIONS = 60
 _REPEAT_GAP_DAYS = (200, 330)  # well clear of the 180-day split, so episodes are unambiguous
 _INTERVAL_DAYS = np.array([5, 6, 7, 8, 14, 21], dtype=np.int64)
 _INTERVAL_P = np.array([0.03, 0.07, 0.65, 0.10, 0.11, 0.04])
@@ -134,8 +134,9 @@ class SiteParams:
     deterioration_gain_sd: float
     therapist_sd: float
     noise_sd: float
-    sessions_mean: float = 6.5
-    sessions_sd: float = 4.0
+    sessions_median: float = 5.3  # of the lognormal before rounding; see _session_cdf
+    sessions_sigma: float = 0.66
+    max_sessions: int = 30
     fast_improver_link: float = 0.3  # rank correlation between gain and fewer sessions
     dropout: float = 0.20
     dropout_gain_factor: float = 0.6  # drop-outs benefit less per session
@@ -161,13 +162,12 @@ class SiteParams:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0.0):
                 problems.append(f"{name}: {value} must be a finite number >= 0")
-        if not self.sessions_mean > 1.0:
-            problems.append(f"sessions_mean: {self.sessions_mean} must be > 1 (1 + a count)")
-        elif not self.sessions_sd**2 > self.sessions_mean - 1.0:
-            problems.append(
-                f"sessions_sd: {self.sessions_sd} is too small; the negative binomial needs "
-                f"sessions_sd^2 > sessions_mean - 1 = {self.sessions_mean - 1.0}"
-            )
+        if not (math.isfinite(self.sessions_median) and self.sessions_median > 0.0):
+            problems.append(f"sessions_median: {self.sessions_median} must be > 0")
+        if not (math.isfinite(self.sessions_sigma) and self.sessions_sigma > 0.0):
+            problems.append(f"sessions_sigma: {self.sessions_sigma} must be > 0")
+        if not 1 <= self.max_sessions <= 200:
+            problems.append(f"max_sessions: {self.max_sessions} must be between 1 and 200")
         if (self.last_day - self.first_day).days < 180:
             problems.append(
                 f"first_day {self.first_day} .. last_day {self.last_day}: allow at least 180 days"
@@ -206,7 +206,7 @@ class SiteParams:
         return cls(
             instrument=instrument,
             n_clients=n_clients,
-            n_therapists=n_therapists if n_therapists is not None else max(1, round(n_clients / 40)),
+            n_therapists=max(1, round(n_clients / 40)) if n_therapists is None else n_therapists,
             intake_mean=at(_REF_INTAKE_MEAN) + case_mix * _REF_INTAKE_SD * scale,
             intake_sd=_REF_INTAKE_SD * scale,
             subclinical_share=subclinical_share,
@@ -216,7 +216,7 @@ class SiteParams:
             gain_mean=_REF_GAIN_MEAN * scale * effectiveness,
             gain_sd=_REF_GAIN_SD * scale,
             gain_per_intake=_REF_GAIN_PER_INTAKE,
-            deterioration_share=0.05,
+            deterioration_share=0.07,
             deterioration_gain=_REF_DETERIORATION_GAIN * scale,
             deterioration_gain_sd=_REF_DETERIORATION_GAIN_SD * scale,
             therapist_sd=_REF_THERAPIST_SD * scale,
@@ -241,7 +241,7 @@ def draw_site_params(
     """A random clinic: size log-uniform in ``clients_range``, its own case mix,
     effectiveness, share of sub-clinical clients, drop-out rate and caseloads."""
     lo, hi = clients_range
-    n_clients = int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+    n_clients = round(math.exp(rng.uniform(math.log(lo), math.log(hi))))
     n_clients = min(hi, max(lo, n_clients))
     caseload = rng.uniform(25.0, 60.0)
     return SiteParams.typical(
@@ -268,17 +268,17 @@ class _Rows:
     dropped_out: BoolArray
 
 
-def _nb_session_cdf(mean: float, sd: float) -> FloatArray:
-    """CDF over 1.._MAX_SESSIONS of 1 + NegativeBinomial with the given mean and SD."""
-    m, v = mean - 1.0, sd * sd
-    p = m / v
-    r = m * m / (v - m)
-    pmf = np.empty(_MAX_SESSIONS)
-    pmf[0] = p**r
-    for k in range(1, _MAX_SESSIONS):
-        pmf[k] = pmf[k - 1] * (k - 1 + r) / k * (1.0 - p)
-    cdf = np.cumsum(pmf)
-    cdf[-1] = 1.0  # the far tail is capped at _MAX_SESSIONS sessions
+def _session_cdf(median: float, sigma: float, most: int) -> FloatArray:
+    """CDF over 1..most sessions of a lognormal rounded to whole sessions, truncated at most.
+
+    A negative binomial with mean 6.5 and SD 4 has median 6, not the published 5; the
+    rounded lognormal (median 5.3, sigma 0.66, at most 30) gives median 5, mean 6.5 and
+    SD 4.4, the closest fit to all three of Baldwin 2009's figures.
+    """
+    edges = np.arange(1, most + 1) + 0.5
+    z = (np.log(edges) - math.log(median)) / (sigma * math.sqrt(2.0))
+    cdf = np.array([0.5 * (1.0 + math.erf(v)) for v in z])
+    cdf /= cdf[-1]
     return cdf
 
 
@@ -328,21 +328,23 @@ def _simulate(rng: np.random.Generator, p: SiteParams) -> _Rows:
     link = p.fast_improver_link
     z_gain = (gain - gain.mean()) / (gain.std() or 1.0)
     z_len = -link * z_gain + math.sqrt(1.0 - link * link) * rng.standard_normal(n_ep)
-    cdf = _nb_session_cdf(p.sessions_mean, p.sessions_sd)
+    cdf = _session_cdf(p.sessions_median, p.sessions_sigma, p.max_sessions)
     n_sessions = 1 + np.minimum(np.searchsorted(cdf, _ranks01(z_len), side="right"),
-                                _MAX_SESSIONS - 1)
+                                p.max_sessions - 1)
 
     # Drop-outs are mostly the short episodes: P(drop-out) proportional to 1 / sessions,
     # scaled so that the share is p.dropout.
-    weight = 1.0 / n_sessions
-    lo_c, hi_c = 0.0, 1.0 / float(weight.min()) if n_ep else 1.0
+    # Bisection on the histogram of lengths, not on every episode.
+    lengths = np.arange(p.max_sessions + 1, dtype=np.float64)
+    share_of_length = np.bincount(n_sessions, minlength=p.max_sessions + 1) / n_ep
+    lo_c, hi_c = 0.0, float(p.max_sessions)
     for _ in range(60):
         mid = (lo_c + hi_c) / 2.0
-        if np.minimum(1.0, mid * weight).mean() < p.dropout:
+        if float((share_of_length[1:] * np.minimum(1.0, mid / lengths[1:])).sum()) < p.dropout:
             lo_c = mid
         else:
             hi_c = mid
-    dropped_out = rng.random(n_ep) < np.minimum(1.0, lo_c * weight)
+    dropped_out = rng.random(n_ep) < np.minimum(1.0, lo_c / n_sessions)
     gain = np.where(dropped_out & (gain > 0), gain * p.dropout_gain_factor, gain)
 
     therapist = rng.integers(0, p.n_therapists, n_ep).astype(np.int32)
@@ -365,22 +367,23 @@ def _simulate(rng: np.random.Generator, p: SiteParams) -> _Rows:
     offset -= offset[first_row][ep_of_row]
     duration = offset[first_row + n_sessions - 1]
 
+    # Start dates put every course inside first_day..last_day where it fits: a returning
+    # client's two courses and the gap between them must fit together.
     span = (p.last_day - p.first_day).days
     epoch = (p.first_day - date(1970, 1, 1)).days
-    # Returning clients start early, so their second episode still falls mostly in range.
-    start = np.where(
-        ep_no == 1,
-        np.where(repeat[client], rng.integers(0, max(1, span // 4), n_ep),
-                 rng.integers(0, max(1, span - 90), n_ep)),
-        0,
-    ).astype(np.int64)
-    second = n
-    start[second:] = (start[client[second:]] + duration[client[second:]]
-                      + rng.integers(_REPEAT_GAP_DAYS[0], _REPEAT_GAP_DAYS[1] + 1, n_rep))
+    gap = rng.integers(_REPEAT_GAP_DAYS[0], _REPEAT_GAP_DAYS[1] + 1, n_rep)
+    need = duration[:n].copy()
+    need[repeat] += gap + duration[n:]
+    start = np.zeros(n_ep, dtype=np.int64)
+    start[:n] = np.floor(rng.random(n) * (np.maximum(0, span - need) + 1)).astype(np.int64)
+    start[n:] = start[client[n:]] + duration[client[n:]] + gap
     day = epoch + start[ep_of_row] + offset
 
     order = np.lexsort((ep_no, client))  # episodes by client, then episode number
     row_order = _rows_in_episode_order(order, first_row, n_sessions)
+    # Two very long courses can overrun last_day; the export is taken on last_day, so
+    # those later sessions have not happened yet.
+    row_order = row_order[day[row_order] <= epoch + span]
     return _Rows(
         client=client[ep_of_row][row_order],
         episode=ep_no[ep_of_row][row_order],
@@ -457,28 +460,18 @@ class SiteFiles:
     n_bad_rows: int
 
 
-@dataclass(slots=True)
-class _Table:
-    """The export as mutable string columns, for injecting damage."""
-
-    columns: dict[str, ObjArray] = field(default_factory=dict)
-
-    @property
-    def n(self) -> int:
-        return len(self.columns["client"])
-
-
-def _to_table(rng: np.random.Generator, rows: _Rows, ins: Instrument) -> _Table:
+def _to_columns(rng: np.random.Generator, rows: _Rows, ins: Instrument) -> dict[str, ObjArray]:
+    """The export as string columns (object arrays, so damage can change their length)."""
     n_clients = int(rows.client.max()) + 1 if rows.client.size else 0
-    width = max(6, len(str(max(1, 3 * n_clients))))
-    # Random, sorted record numbers, as a clinic's system would have assigned them.
+    width = max(6, len(str(3 * n_clients)))
+    # Random, sorted record numbers, as a clinic's records system would have assigned them.
     numbers = np.sort(rng.choice(10**width - 1, size=n_clients, replace=False) + 1)
     client_ids = np.char.add("N-", np.char.zfill(numbers.astype(str), width)).astype(object)
     n_therapists = int(rows.therapist.max()) + 1 if rows.therapist.size else 0
     therapist_ids = np.char.add(
         "T-", np.char.zfill((np.arange(n_therapists) + 1).astype(str), 3)).astype(object)
     n = rows.client.size
-    return _Table({
+    return {
         "client": client_ids[rows.client],
         "session_no": rows.session.astype(str).astype(object),
         "seen_on": np.datetime_as_string(rows.day.astype("datetime64[D]")).astype(object),
@@ -486,27 +479,28 @@ def _to_table(rng: np.random.Generator, rows: _Rows, ins: Instrument) -> _Table:
         "total": rows.score.astype(str).astype(object),
         "therapist": therapist_ids[rows.therapist],
         "clinic_room": _ROOMS[rng.integers(0, _ROOMS.size, n)],
-    })
+    }
 
 
 def _inject_bad_rows(
-    rng: np.random.Generator, table: _Table, ins: Instrument, site: str
-) -> tuple[_Table, dict[BadRowKind, int]]:
-    """Damage about 3% of rows, every kind at least once; returns the counts per kind."""
+    rng: np.random.Generator, cols: dict[str, ObjArray], ins: Instrument, site: str
+) -> tuple[dict[str, ObjArray], dict[BadRowKind, int]]:
+    """Damage about 3% of rows, every kind at least once; returns the counts per kind.
+
+    ``cols`` is changed in place; the returned columns also hold the added duplicates.
+    """
     kinds = list(BadRowKind)
-    n = table.n
+    n = len(cols["client"])
     total = max(len(kinds), round(_BAD_ROW_SHARE * n))
     counts = 1 + rng.multinomial(total - len(kinds), np.full(len(kinds), 1.0 / len(kinds)))
     want = dict(zip(kinds, (int(c) for c in counts), strict=True))
 
-    session = table.columns["session_no"].astype(np.int64)
-    cols = table.columns
     # Each damaged row is chosen once, and a re-dated row's predecessor stays intact, so
     # every injected problem is exactly one problem.
+    session = cols["session_no"].astype(np.int64)
     taken = np.zeros(n, dtype=bool)
-    eligible = np.flatnonzero(session >= 2)
-    ooo = rng.permutation(eligible)[: want[BadRowKind.DATE_OUT_OF_ORDER]]
-    ooo = ooo[~np.isin(ooo - 1, ooo)]
+    ooo = rng.permutation(np.flatnonzero(session >= 2))[: want[BadRowKind.DATE_OUT_OF_ORDER]]
+    ooo = np.sort(ooo[~np.isin(ooo - 1, ooo)])
     taken[ooo] = True
     taken[ooo - 1] = True
     free = rng.permutation(np.flatnonzero(~taken))
@@ -514,15 +508,14 @@ def _inject_bad_rows(
     if ooo.size == 0 or free.size < needed:
         raise ValueError(
             f"{site}: only {n} rows, too few to inject every kind of bad row; "
-            f"use more clients per site (at least {_MIN_CLIENTS})"
+            "use more clients per site"
         )
     picks: dict[BadRowKind, IntArray] = {BadRowKind.DATE_OUT_OF_ORDER: ooo}
     cursor = 0
     for kind in kinds:
-        if kind is BadRowKind.DATE_OUT_OF_ORDER:
-            continue
-        picks[kind] = np.sort(free[cursor: cursor + want[kind]])
-        cursor += want[kind]
+        if kind is not BadRowKind.DATE_OUT_OF_ORDER:
+            picks[kind] = np.sort(free[cursor: cursor + want[kind]])
+            cursor += want[kind]
 
     def choose(options: list[str], k: int) -> ObjArray:
         return np.array(options, dtype=object)[rng.integers(0, len(options), k)]
@@ -548,20 +541,20 @@ def _inject_bad_rows(
     exact = picks[BadRowKind.EXACT_DUPLICATE]
     conflict = picks[BadRowKind.CONFLICTING_DUPLICATE]
     original = cols["total"][conflict].astype(np.int64)
-    shift = rng.integers(1, 6, conflict.size) * np.where(rng.random(conflict.size) < 0.5, -1, 1)
-    changed = np.clip(original + shift, ins.lo, ins.hi)
-    changed = np.where(changed == original, np.where(original > ins.lo, original - 1,
-                                                     original + 1), changed)
+    step = rng.integers(1, 6, conflict.size) * np.where(rng.random(conflict.size) < 0.5, -1, 1)
+    changed = np.clip(original + step, ins.lo, ins.hi)
+    # Clipping can land back on the original score; the copy must conflict.
+    changed = np.where(changed != original, changed,
+                       np.where(original > ins.lo, original - 1, original + 1))
     dup_src = np.concatenate([exact, conflict])
-    key = np.concatenate([np.arange(n) * 2, dup_src * 2 + 1])
-    order = np.argsort(key, kind="stable")
+    order = np.argsort(np.concatenate([np.arange(n) * 2, dup_src * 2 + 1]), kind="stable")
     out: dict[str, ObjArray] = {}
     for name, values in cols.items():
-        extra = values[dup_src].copy()
+        extra = values[dup_src]
         if name == "total":
             extra[exact.size:] = changed.astype(str).astype(object)
         out[name] = np.concatenate([values, extra])[order]
-    return _Table(out), {k: int(v.size) for k, v in picks.items()}
+    return out, {kind: int(picked.size) for kind, picked in picks.items()}
 
 
 def site_id(index: int, n_sites: int) -> str:
@@ -651,17 +644,16 @@ def synthesize(
         sid = site_id(index, n_sites)
         rng = np.random.default_rng(stream)
         params = draw_site_params(rng, ins, rng_range)
-        rows = _simulate(rng, params)
-        table = _to_table(rng, rows, ins)
+        columns = _to_columns(rng, _simulate(rng, params), ins)
         n_bad = 0
         if messy:
-            table, counts = _inject_bad_rows(rng, table, ins, sid)
+            columns, counts = _inject_bad_rows(rng, columns, ins, sid)
             n_bad = sum(counts.values())
         directory = out / sid
         directory.mkdir(parents=True, exist_ok=True)
         data_path = directory / "outcomes.csv"
         config_path = directory / "site.yaml"
-        frame = pd.DataFrame({name: table.columns[name] for name in CSV_COLUMNS})
+        frame = pd.DataFrame({name: columns[name] for name in CSV_COLUMNS})
         data_path.write_text(frame.to_csv(index=False, lineterminator="\n"), encoding="utf-8")
         config_path.write_text(_site_yaml(sid, seed, ins, messy), encoding="utf-8")
         written.append(SiteFiles(
@@ -669,7 +661,7 @@ def synthesize(
             directory=directory,
             data_path=data_path,
             config_path=config_path,
-            n_rows=table.n,
+            n_rows=len(columns["client"]),
             n_clients=params.n_clients,
             n_bad_rows=n_bad,
         ))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -231,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as exc:
         print(str(exc), file=sys.stderr)
         return ExitCode.DATA
+    except BrokenPipeError:  # the reader (e.g. `| head`) went away: not an error of ours
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at exit
+        return ExitCode.OK
     except KeyboardInterrupt:
         return ExitCode.INTERNAL
     except Exception as exc:

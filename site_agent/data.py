@@ -258,10 +258,23 @@ def _dates(col: pa.ChunkedArray, fmt: str) -> tuple[Int, Bool, Bool, pa.Array]:
         return values, missing, np.zeros_like(missing), arr
     text = _text(col)
     missing = pc.equal(text, "").to_numpy(zero_copy_only=False)
-    parsed = pc.strptime(text, format=fmt, unit="s", error_is_null=True)
-    bad = parsed.is_null().to_numpy(zero_copy_only=False) & ~missing
-    days = pc.cast(pc.cast(parsed, pa.date32()), pa.int32())
-    return pc.fill_null(days, 0).to_numpy(zero_copy_only=False).astype(np.int64), missing, bad, text
+    # Exports repeat few distinct dates, so parse each distinct text once. strptime
+    # rolls impossible dates over (2026-02-31 -> 2026-03-03): a date is valid only if
+    # it prints back as written (leading zeros aside).
+    enc = pc.dictionary_encode(text)
+    distinct = enc.dictionary
+    parsed = pc.strptime(distinct, format=fmt, unit="s", error_is_null=True)
+    back = pc.strftime(parsed, format=fmt)
+    same = pc.equal(_strip_zeros(back), _strip_zeros(distinct))
+    parsed = pc.if_else(pc.fill_null(same, False), parsed, pa.nulls(len(parsed), parsed.type))
+    days = pc.cast(pc.cast(parsed, pa.date32()), pa.int32()).take(enc.indices)
+    bad = days.is_null().to_numpy(zero_copy_only=False) & ~missing
+    values = pc.fill_null(days, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return values, missing, bad, text
+
+
+def _strip_zeros(text: pa.Array) -> pa.Array:
+    return pc.replace_substring_regex(text, r"(^|[^0-9])0+([0-9])", r"\1\2")
 
 
 def _encode(text: pa.Array) -> tuple[npt.NDArray[np.int32], list[str]]:
@@ -473,9 +486,12 @@ def _group(
             new[1:] |= np.diff(date) > src.episode_gap_days
     episode = np.cumsum(new) - 1
     if cols.session is None:
-        # Session numbers from the order of dates within the episode.
-        starts = np.flatnonzero(new)
-        session = np.arange(idx.size) - np.repeat(starts, np.diff(np.append(starts, idx.size))) + 1
+        # Session numbers from the order of distinct dates within the episode; two
+        # scores on one day share a session number and are caught as duplicates below.
+        new_day = new.copy()
+        new_day[1:] |= date[1:] != date[:-1]
+        day_rank = np.cumsum(new_day)
+        session = day_rank - day_rank[np.flatnonzero(new)][episode] + 1
     # Second order: by session within each episode.
     order = np.lexsort((date, session, episode))
     ins, client, episode, session, score, date, idx = (
@@ -487,10 +503,7 @@ def _group(
         same_ep = np.zeros(idx.size, dtype=bool)
         same_ep[1:] = episode[1:] == episode[:-1]
         key_same = same_ep.copy()
-        if cols.session is None:
-            key_same[1:] &= date[1:] == date[:-1]
-        else:
-            key_same[1:] &= session[1:] == session[:-1]
+        key_same[1:] &= session[1:] == session[:-1]
         # Runs of rows sharing an episode and session.
         run = np.cumsum(~key_same) - 1
         size = np.bincount(run)
