@@ -311,12 +311,12 @@ def _phase_intake(config: Path) -> dict[str, Any]:
         lambda x: x.rows_read,
     )
     episodes = step(
-        "derive_episodes",
+        "derive_episodes [episodes]",
         lambda: outcomes_mod.derive_episodes(intake.records, cfg.instruments,
                                              max_session=MAX_SESSION),
         lambda x: sum(len(e.table) for e in x.values()),
     )
-    step("summarize", lambda: summary_mod.summarize(episodes), len)
+    step("summarize [instruments]", lambda: summary_mod.summarize(episodes), len)
     wall = time.perf_counter() - t0
     return {
         "steps": steps,
@@ -387,7 +387,9 @@ def _row(cells: list[str], widths: list[int]) -> str:
     return " | ".join([first, *(c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))])
 
 
-def report(meta: dict[str, Any], runs: dict[str, list[dict[str, Any]]], repeat: int) -> None:
+def report(
+    meta: dict[str, Any], runs: dict[str, list[dict[str, Any]]], repeat: int, launcher_mib: float
+) -> None:
     def best(phase: str) -> dict[str, Any]:
         return min(runs[phase], key=lambda r: r["wall"])
 
@@ -427,6 +429,11 @@ def report(meta: dict[str, Any], runs: dict[str, list[dict[str, Any]]], repeat: 
           f"{'PASS' if ok_ratio else 'FAIL'}")
     print(f"peak RSS intake+derive = {peak('intake'):.0f} MiB  target <= "
           f"{TARGET_PEAK_MIB:.0f} MiB  {'PASS' if ok_mem else 'FAIL'}")
+    hwm = [(r["peak_mib"], r["hwm_mib"]) for rs in runs.values() for r in rs]
+    gap = max((a - b for a, b in hwm if b is not None), default=0.0)
+    print(f"check: launcher ru_maxrss {launcher_mib:.0f} MiB (a floor for every child's "
+          f"ru_maxrss); largest child ru_maxrss - VmHWM = {gap:.0f} MiB"
+          + ("" if gap <= 16 else "  WARNING: ru_maxrss may be inherited from the launcher"))
     if repeat > 1:
         for phase, rs in runs.items():
             walls = [r["wall"] for r in rs]
@@ -442,27 +449,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--messy", action="store_true", help="inject ~2%% bad rows")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", action="store_true", help="cProfile the intake child")
-    ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
+    ap.add_argument("--phase", choices=[*PHASES, "generate"], help=argparse.SUPPRESS)
     ap.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    if args.clients < 10 or args.repeat < 1:
+        ap.error("--clients must be >= 10 and --repeat >= 1")
+    directory = data_dir(args.workdir, args.clients, args.seed, args.messy)
 
+    if args.phase == "generate":
+        generate(directory, args.clients, args.seed, args.messy)
+        print(_RESULT + json.dumps({"directory": str(directory)}), flush=True)
+        return 0
     if args.phase:
         run_child_phase(args.phase, args.config, args.profile)
         return 0
-    if args.clients < 10 or args.repeat < 1:
-        ap.error("--clients must be >= 10 and --repeat >= 1")
-    config, meta = ensure_data(args.workdir, args.clients, args.seed, args.messy)
-    with (config.parent / "outcomes.csv").open("rb") as fh:  # warm the page cache
+
+    meta = cached_meta(directory)
+    if meta is None:
+        gen_args = ["--phase", "generate", "--workdir", str(args.workdir), "--clients",
+                    str(args.clients), "--seed", str(args.seed)]
+        spawn(gen_args + (["--messy"] if args.messy else []))
+        meta = cached_meta(directory)
+        if meta is None:
+            raise RuntimeError(f"generation left no data in {directory}")
+    else:
+        print(f"using cached {directory / 'outcomes.csv'}", file=sys.stderr)
+    config = directory / "site.yaml"
+    with (directory / "outcomes.csv").open("rb") as fh:  # warm the page cache
         while fh.read(1 << 24):
             pass
     runs: dict[str, list[dict[str, Any]]] = {p: [] for p in PHASES}
     for _ in range(args.repeat):
         for phase in PHASES:
-            runs[phase].append(spawn(phase, config))
-    report(meta, runs, args.repeat)
+            runs[phase].append(spawn(["--phase", phase, "--config", str(config)]))
+    report(meta, runs, args.repeat, _peak_mib())
     if args.profile:
         print("\ncProfile of the intake child (stderr):", flush=True)
-        spawn("intake", config, profile=True)
+        spawn(["--phase", "intake", "--config", str(config), "--profile"])
     return 0
 
 

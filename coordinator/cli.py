@@ -1,0 +1,251 @@
+"""The ``outcomebench-coordinator`` command.
+
+Each subcommand is a :class:`Command` in :data:`COMMANDS`: it adds its own arguments and
+runs with the parsed namespace. A command reports failure by raising
+:class:`CommandError` with an :class:`ExitCode`; :func:`main` prints the message on stderr
+and returns the code, so ``main`` can be called from tests without catching SystemExit.
+
+Exit codes (each has help text in :data:`EXIT_CODE_HELP`, shown by ``--help``):
+
+    0  OK              the command did what was asked
+    1  INTERNAL_ERROR  an unexpected error: this is a bug, please report it
+    2  USAGE           the command line is wrong (argparse uses 2 as well)
+    3  OUTPUT_ERROR    an output file or directory could not be written
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from types import MappingProxyType
+from typing import TextIO
+
+from protocols import SpecError, builtin_instruments
+from coordinator.synth import DEFAULT_CLIENTS_RANGE, SiteFiles, synthesize
+
+__all__ = ["COMMANDS", "EXIT_CODE_HELP", "Command", "CommandError", "ExitCode", "main"]
+
+PROG = "outcomebench-coordinator"
+
+
+class ExitCode(IntEnum):
+    """What the process exit status means."""
+
+    OK = 0
+    INTERNAL_ERROR = 1
+    USAGE = 2
+    OUTPUT_ERROR = 3
+
+
+EXIT_CODE_HELP: Mapping[ExitCode, str] = MappingProxyType({
+    ExitCode.OK: "the command did what was asked",
+    ExitCode.INTERNAL_ERROR: "an unexpected error: this is a bug, please report it",
+    ExitCode.USAGE: "the command line is wrong; see --help",
+    ExitCode.OUTPUT_ERROR: "an output file or directory could not be written",
+})
+
+
+class CommandError(Exception):
+    """A command failed in a way the user can fix; ``message`` says how."""
+
+    def __init__(self, code: ExitCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Command:
+    """One subcommand: its name, one-line help, arguments and what it runs."""
+
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, TextIO], ExitCode]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+# --- synth -----------------------------------------------------------------------------
+
+
+def _synth_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sites", type=_positive_int, required=True, metavar="N",
+                        help="number of clinics to write (at least 1)")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="directory to write DIR/clinic-01/{outcomes.csv,site.yaml}, ...")
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="random seed; the same seed writes byte-identical files "
+                             "(default: %(default)s)")
+    parser.add_argument("--messy", action="store_true",
+                        help="inject a few percent of bad rows of every kind real exports have")
+    parser.add_argument("--instrument", default="PHQ-9", choices=sorted(builtin_instruments()),
+                        metavar="ID", help="outcome measure, a registry id (default: %(default)s)")
+    parser.add_argument("--clients-min", type=_positive_int, metavar="A",
+                        help=f"smallest clinic, in clients (default: {DEFAULT_CLIENTS_RANGE[0]})")
+    parser.add_argument("--clients-max", type=_positive_int, metavar="B",
+                        help=f"largest clinic, in clients (default: {DEFAULT_CLIENTS_RANGE[1]}); "
+                             "sizes are drawn log-uniformly between the two")
+    parser.add_argument("--json", action="store_true",
+                        help="print the sites written as JSON instead of a table")
+
+
+def _synth_run(args: argparse.Namespace, stdout: TextIO) -> ExitCode:
+    clients_range: tuple[int, int] | None = None
+    if args.clients_min is not None or args.clients_max is not None:
+        lo = args.clients_min if args.clients_min is not None else DEFAULT_CLIENTS_RANGE[0]
+        hi = args.clients_max if args.clients_max is not None else DEFAULT_CLIENTS_RANGE[1]
+        if lo > hi:
+            raise CommandError(ExitCode.USAGE,
+                               f"--clients-min {lo} is larger than --clients-max {hi}; "
+                               "swap them or widen the range")
+        clients_range = (lo, hi)
+    out: Path = args.out
+    try:
+        sites = synthesize(args.sites, out, seed=args.seed, messy=args.messy,
+                           instrument=args.instrument, clients_range=clients_range)
+    except SpecError as exc:
+        raise CommandError(ExitCode.USAGE, "; ".join(exc.problems)) from None
+    except ValueError as exc:
+        raise CommandError(ExitCode.USAGE, str(exc)) from None
+    except OSError as exc:
+        reason = exc.strerror or exc.__class__.__name__
+        where = exc.filename if exc.filename is not None else out
+        raise CommandError(
+            ExitCode.OUTPUT_ERROR,
+            f"cannot write to {where}: {reason}; choose a writable --out directory",
+        ) from None
+    if args.json:
+        stdout.write(json.dumps(_sites_json(sites, args), indent=2) + "\n")
+    else:
+        stdout.write(_sites_table(sites, args))
+    return ExitCode.OK
+
+
+def _sites_json(sites: Sequence[SiteFiles], args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "out": str(args.out),
+        "seed": args.seed,
+        "instrument": args.instrument,
+        "messy": args.messy,
+        "sites": [
+            {
+                "site_id": s.site_id,
+                "directory": str(s.directory),
+                "data_path": str(s.data_path),
+                "config_path": str(s.config_path),
+                "n_clients": s.n_clients,
+                "n_rows": s.n_rows,
+                "n_bad_rows": s.n_bad_rows,
+            }
+            for s in sites
+        ],
+    }
+
+
+def _sites_table(sites: Sequence[SiteFiles], args: argparse.Namespace) -> str:
+    header = ("site", "clients", "rows", "bad rows", "config")
+    body = [(s.site_id, f"{s.n_clients:,}", f"{s.n_rows:,}", f"{s.n_bad_rows:,}",
+             str(s.config_path)) for s in sites]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    right = (False, True, True, True, False)
+
+    def line(row: Sequence[str]) -> str:
+        cells = [c.rjust(w) if r else c.ljust(w)
+                 for c, w, r in zip(row, widths, right, strict=True)]
+        return "  ".join(cells).rstrip()
+
+    lines = [line(header), *(line(row) for row in body)]
+    clients = sum(s.n_clients for s in sites)
+    rows = sum(s.n_rows for s in sites)
+    lines.append(
+        f"{len(sites)} synthetic clinic(s), {clients:,} clients, {rows:,} rows of "
+        f"{args.instrument} written to {args.out} (seed {args.seed}"
+        f"{', messy' if args.messy else ''})"
+    )
+    return "\n".join(lines) + "\n"
+
+
+SYNTH = Command(
+    name="synth",
+    help="write synthetic clinics (outcomes.csv + site.yaml each)",
+    description=(
+        "Write N synthetic clinics under DIR, one directory each with outcomes.csv (the "
+        "clinic's own column names) and site.yaml (mapping them). Clinics differ in size, "
+        "case mix and effectiveness; scores follow published routine-care figures. Not "
+        "real client data."
+    ),
+    add_arguments=_synth_arguments,
+    run=_synth_run,
+)
+
+COMMANDS: tuple[Command, ...] = (SYNTH,)
+
+
+# --- entry point -----------------------------------------------------------------------
+
+
+def _exit_code_epilog() -> str:
+    lines = ["exit codes:"]
+    lines += [f"  {code.value}  {code.name:<15} {EXIT_CODE_HELP[code]}" for code in ExitCode]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with one sub-parser per entry of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Coordinate federated, differentially private outcome benchmarks.",
+        epilog=_exit_code_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        child = sub.add_parser(
+            command.name,
+            help=command.help,
+            description=command.description,
+            epilog=_exit_code_epilog(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.add_arguments(child)
+        child.set_defaults(_command=command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already explained
+        return exc.code if isinstance(exc.code, int) else int(ExitCode.USAGE)
+    command: Command | None = getattr(args, "_command", None)
+    if command is None:
+        parser.print_help(sys.stderr)
+        return int(ExitCode.USAGE)
+    try:
+        return int(command.run(args, sys.stdout))
+    except CommandError as exc:
+        print(f"{PROG} {command.name}: error: {exc.message}", file=sys.stderr)
+        return int(exc.code)
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        print(f"{PROG} {command.name}: internal error ({exc.__class__.__name__}); this is a "
+              "bug, please report it with the traceback above", file=sys.stderr)
+        return int(ExitCode.INTERNAL_ERROR)

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from site_agent.cli import main
+from site_agent.errors import EXIT_HELP, ExitCode
+
+from .helpers import HEADER, write_site
+
+GOOD = HEADER + "a,1,2026-01-01,20\na,2,2026-01-08,13\nb,1,2026-01-01,12\nb,2,2026-01-08,11\n"
+
+
+def test_every_exit_code_has_help() -> None:
+    assert set(EXIT_HELP) == set(ExitCode)
+
+
+def test_summary_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_site(tmp_path, GOOD)
+    assert main(["summary", "--config", str(tmp_path / "site.yaml"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert "never leave the site" in doc["scope"]
+    [phq] = doc["instruments"]
+    assert phq["instrument"] == "PHQ-9"
+    groups = {g["band"]: g for g in phq["groups"]}
+    assert set(groups) == {"all", "0-4", "5-9", "10-14", "15-19", "20-27"}
+    allg = groups["all"]
+    for key in ("episodes", "mean_intake", "mean_change", "sd_change", "effect_size",
+                "reliably_improved", "no_reliable_change", "reliably_deteriorated",
+                "recovered", "reliably_recovered", "response", "remission"):
+        assert key in allg
+    assert allg["episodes"] == 2 and allg["mean_change"] == 4.0
+    assert allg["reliably_improved"] == 1 and allg["no_reliable_change"] == 1
+    assert allg["jacobson_truax"] == {"recovered": 0, "improved": 1, "unchanged": 1,
+                                      "deteriorated": 0}
+    assert groups["20-27"]["episodes"] == 1 and groups["10-14"]["episodes"] == 1
+    # effect size: mean change / SD of intake among episodes at caseness at intake
+    assert allg["effect_size"] == pytest.approx(4.0 / 5.656854, abs=1e-3)
+
+
+def test_check_writes_quarantine_and_strict_refuses(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    write_site(tmp_path, GOOD + "c,1,2026-01-01,99\n")
+    cfg = str(tmp_path / "site.yaml")
+    assert main(["check", "--config", cfg, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["rows_quarantined"] == 1 and not doc["refused"]
+    report = (tmp_path / "quarantine.csv").read_text()
+    assert "score out of the instrument's range" in report and ",6," in report
+    assert main(["check", "--config", cfg, "--strict"]) == ExitCode.DATA
+    assert "REFUSED" in capsys.readouterr().out
+    assert main(["summary", "--config", cfg, "--strict"]) == ExitCode.DATA
+
+
+def test_config_error_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "site.yaml").write_text("site: {id: a}\ndata: {path: x.csv}\n")
+    assert main(["check", "--config", str(tmp_path / "site.yaml")]) == ExitCode.CONFIG
+    assert "data.columns: missing" in capsys.readouterr().err
+
+
+def test_data_error_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_site(tmp_path, GOOD)
+    (tmp_path / "outcomes.csv").unlink()
+    assert main(["summary", "--config", str(tmp_path / "site.yaml")]) == ExitCode.DATA
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_no_valid_rows(tmp_path: Path) -> None:
+    write_site(tmp_path, HEADER + ",1,2026-01-01,3\n")
+    assert main(["check", "--config", str(tmp_path / "site.yaml")]) == ExitCode.DATA
+
+
+@pytest.mark.parametrize("args", [["--help"], ["check", "--help"], ["summary", "--help"]])
+def test_help_everywhere(args: list[str]) -> None:
+    out = subprocess.run([sys.executable, "-m", "site_agent", *args], capture_output=True,
+                         text=True, check=False)
+    assert out.returncode == 0 and "usage:" in out.stdout
+
+
+def test_text_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_site(tmp_path, GOOD)
+    assert main(["summary", "--config", str(tmp_path / "site.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "LOCAL ONLY" in out and "PHQ-9" in out and "10-14" in out
