@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,8 +27,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TextIO
 
+from coordinator.synth import DEFAULT_CLIENTS_RANGE, MIN_CLIENTS, SiteFiles, synthesize
 from protocols import SpecError, builtin_instruments
-from coordinator.synth import DEFAULT_CLIENTS_RANGE, SiteFiles, synthesize
 
 __all__ = ["COMMANDS", "EXIT_CODE_HELP", "Command", "CommandError", "ExitCode", "main"]
 
@@ -71,34 +72,37 @@ class Command:
     run: Callable[[argparse.Namespace, TextIO], ExitCode]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def _whole_number(least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {least}")
+        return value
+
+    return parse
 
 
 # --- synth -----------------------------------------------------------------------------
 
 
 def _synth_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sites", type=_positive_int, required=True, metavar="N",
+    parser.add_argument("--sites", type=_whole_number(1), required=True, metavar="N",
                         help="number of clinics to write (at least 1)")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
                         help="directory to write DIR/clinic-01/{outcomes.csv,site.yaml}, ...")
-    parser.add_argument("--seed", type=int, default=0, metavar="S",
+    parser.add_argument("--seed", type=_whole_number(0), default=0, metavar="S",
                         help="random seed; the same seed writes byte-identical files "
                              "(default: %(default)s)")
     parser.add_argument("--messy", action="store_true",
                         help="inject a few percent of bad rows of every kind real exports have")
     parser.add_argument("--instrument", default="PHQ-9", choices=sorted(builtin_instruments()),
                         metavar="ID", help="outcome measure, a registry id (default: %(default)s)")
-    parser.add_argument("--clients-min", type=_positive_int, metavar="A",
+    parser.add_argument("--clients-min", type=_whole_number(MIN_CLIENTS), metavar="A",
                         help=f"smallest clinic, in clients (default: {DEFAULT_CLIENTS_RANGE[0]})")
-    parser.add_argument("--clients-max", type=_positive_int, metavar="B",
+    parser.add_argument("--clients-max", type=_whole_number(MIN_CLIENTS), metavar="B",
                         help=f"largest clinic, in clients (default: {DEFAULT_CLIENTS_RANGE[1]}); "
                              "sizes are drawn log-uniformly between the two")
     parser.add_argument("--json", action="store_true",
@@ -219,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         child = sub.add_parser(
             command.name,
             help=command.help,
-            description=command.description,
+            description=textwrap.fill(command.description, 80),
             epilog=_exit_code_epilog(),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )

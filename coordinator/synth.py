@@ -51,6 +51,7 @@ __all__ = [
     "CSV_COLUMNS",
     "DEFAULT_CLIENTS_RANGE",
     "EPISODE_GAP_DAYS",
+    "MIN_CLIENTS",
     "BadRowKind",
     "SiteFiles",
     "SiteParams",
@@ -65,6 +66,9 @@ EPISODE_GAP_DAYS = 180
 
 DEFAULT_CLIENTS_RANGE = (30, 3000)
 """Clinic sizes, drawn log-uniformly: from a few dozen to a few thousand clients."""
+
+MIN_CLIENTS = 10
+"""The smallest clinic :func:`synthesize` writes: room for every kind of bad row."""
 
 CSV_COLUMNS = ("client", "session_no", "seen_on", "measure", "total", "therapist",
                "clinic_room")
@@ -96,7 +100,6 @@ _REF_DETERIORATION_GAIN_SD = 1.2
 _REF_THERAPIST_SD = 0.8
 _REF_SEM = 6.0 / (1.96 * math.sqrt(2.0))  # PHQ-9 reliable change of 6 points
 
-_MIN_CLIENTS = 10
 _REPEAT_GAP_DAYS = (200, 330)  # well clear of the 180-day split, so episodes are unambiguous
 _INTERVAL_DAYS = np.array([5, 6, 7, 8, 14, 21], dtype=np.int64)
 _INTERVAL_P = np.array([0.03, 0.07, 0.65, 0.10, 0.11, 0.04])
@@ -596,10 +599,14 @@ def _site_yaml(site: str, seed: int, ins: Instrument, messy: bool) -> str:
     return header + body
 
 
-def _check_args(n_sites: int, instrument: str, clients_range: tuple[int, int]) -> Instrument:
+def _check_args(
+    n_sites: int, seed: int, instrument: str, clients_range: tuple[int, int]
+) -> Instrument:
     problems: list[str] = []
     if isinstance(n_sites, bool) or not isinstance(n_sites, int) or n_sites < 1:
         problems.append(f"n_sites: {n_sites!r} must be a whole number >= 1")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        problems.append(f"seed: {seed!r} must be a whole number >= 0")
     registry: Mapping[str, Instrument] = builtin_instruments()
     if instrument not in registry:
         problems.append(
@@ -607,10 +614,10 @@ def _check_args(n_sites: int, instrument: str, clients_range: tuple[int, int]) -
             f"use one of {', '.join(sorted(registry))}"
         )
     lo, hi = clients_range
-    if not (isinstance(lo, int) and isinstance(hi, int)) or lo < _MIN_CLIENTS or hi < lo:
+    if not (isinstance(lo, int) and isinstance(hi, int)) or lo < MIN_CLIENTS or hi < lo:
         problems.append(
             f"clients_range: {clients_range!r} must be (min, max) whole numbers with "
-            f"{_MIN_CLIENTS} <= min <= max"
+            f"{MIN_CLIENTS} <= min <= max"
         )
     if problems:
         raise SpecError("synthesize", problems)
@@ -637,7 +644,7 @@ def synthesize(
     """
     out = Path(out)
     rng_range = clients_range if clients_range is not None else DEFAULT_CLIENTS_RANGE
-    ins = _check_args(n_sites, instrument, rng_range)
+    ins = _check_args(n_sites, seed, instrument, rng_range)
     written: list[SiteFiles] = []
     streams = np.random.SeedSequence(seed).spawn(n_sites)
     for index, stream in enumerate(streams, start=1):

@@ -199,7 +199,8 @@ _cell = st.one_of(st.sampled_from(["", "1", "2", "27", "28", "-3", "1.5", "x", "
                   st.text(alphabet="ab019-./ \"", max_size=6))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(st.lists(_cell, min_size=4, max_size=4), max_size=25))
 def test_intake_never_crashes_and_accounts_for_every_row(tmp_path: Path,
                                                          rows: list[list[str]]) -> None:

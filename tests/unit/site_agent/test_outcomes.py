@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from protocols import Instrument, builtin_instruments, parse_instrument
-from site_agent.data import Records
+from site_agent.data import Records, read_intake
 from site_agent.outcomes import JT, MISSING, Reliable, derive_episodes
 
 from .helpers import HEADER, write_site
@@ -165,8 +165,6 @@ def test_derivation_never_crashes_on_random_frames(scores: np.ndarray, cuts: np.
 
 def test_end_to_end_from_csv(tmp_path: Path) -> None:
     cfg = write_site(tmp_path, HEADER + "a,1,2026-01-01,20\na,2,2026-01-08,13\nb,1,2026-01-01,9\n")
-    from site_agent.data import read_intake
-
     eps = derive_episodes(read_intake(cfg.data, cfg.instruments).records, cfg.instruments)
     t = eps["PHQ-9"].table
     assert t["change"].tolist() == [7]
