@@ -30,7 +30,15 @@ from typing import TextIO
 from coordinator.synth import DEFAULT_CLIENTS_RANGE, MIN_CLIENTS, SiteFiles, synthesize
 from protocols import SpecError, builtin_instruments
 
-__all__ = ["COMMANDS", "EXIT_CODE_HELP", "Command", "CommandError", "ExitCode", "main"]
+__all__ = [
+    "COMMANDS",
+    "EXIT_CODE_HELP",
+    "Command",
+    "CommandError",
+    "ExitCode",
+    "build_parser",
+    "main",
+]
 
 PROG = "outcomebench-coordinator"
 
@@ -185,7 +193,7 @@ def _sites_table(sites: Sequence[SiteFiles], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-SYNTH = Command(
+_SYNTH = Command(
     name="synth",
     help="write synthetic clinics (outcomes.csv + site.yaml each)",
     description=(
@@ -198,7 +206,7 @@ SYNTH = Command(
     run=_synth_run,
 )
 
-COMMANDS: tuple[Command, ...] = (SYNTH,)
+COMMANDS: tuple[Command, ...] = (_SYNTH,)
 
 
 # --- entry point -----------------------------------------------------------------------

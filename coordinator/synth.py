@@ -84,21 +84,27 @@ _COLUMN_MAP = {
 }
 
 # Reference values in PHQ-9 points (cut-off 10, range 0-27). Other instruments get the same
-# model, placed relative to their own cut-off and scaled by their range width.
+# model, placed relative to their own cut-off and rescaled (see SiteParams.typical). With
+# these values a large PHQ-9 clinic has: sessions median 5, mean 6.5; 20% drop-out; 33%
+# starting below the cut-off; mean change of clinical-range clients 6.4 points (d about 1
+# against the intake SD of 6.5); recovery 48%; reliable deterioration 6%; therapist share
+# of the variance of intake-adjusted final scores 5%.
 _REF_WIDTH = 27.0
 _REF_BOUNDARY = 9.5  # the true severity at which a rounded PHQ-9 score reaches the cut-off
 _REF_INTAKE_MEAN = 16.0  # NHS Talking Therapies intakes average in the moderate band
 _REF_INTAKE_SD = 4.5
 _REF_SUBCLINICAL_MEAN = 5.5
 _REF_SUBCLINICAL_SD = 2.2
-_REF_GAIN_MEAN = 5.2  # points per unit ln(session): about 7 points by session 6 (d about 1.1)
+_REF_GAIN_MEAN = 5.2  # points per unit ln(session), before drop-outs' smaller gains
 _REF_GAIN_SD = 1.8
 _REF_GAIN_PER_INTAKE = 0.12
 _REF_SUBCLINICAL_GAIN_SD = 0.5
 _REF_DETERIORATION_GAIN = 3.5
 _REF_DETERIORATION_GAIN_SD = 1.2
 _REF_THERAPIST_SD = 0.8
-_REF_SEM = 6.0 / (1.96 * math.sqrt(2.0))  # PHQ-9 reliable change of 6 points
+_REF_RELIABLE_CHANGE = 6.0
+_REF_SEM = _REF_RELIABLE_CHANGE / (1.96 * math.sqrt(2.0))
+_INTAKE_HEADROOM_SDS = 2.2
 
 _REPEAT_GAP_DAYS = (200, 330)  # well clear of the 180-day split, so episodes are unambiguous
 _INTERVAL_DAYS = np.array([5, 6, 7, 8, 14, 21], dtype=np.int64)
@@ -117,7 +123,22 @@ class SiteParams:
 
     Locations and spreads are in the instrument's points on the severity scale (higher is
     worse; for a ``better=lower`` instrument that is the score itself). Use
-    :meth:`typical` for values calibrated to DOMAIN.md; set fields directly to explore.
+    :meth:`typical` for values calibrated to DOMAIN.md; set fields directly to explore
+    (``dataclasses.replace`` re-validates).
+
+    - ``intake_mean``, ``intake_sd``: true intake severity of clinical-range clients;
+    - ``subclinical_*``: the share of clients below the cut-off, their intake and the
+      spread of their (zero-mean) gain;
+    - ``gain_mean``, ``gain_sd``: improvement per unit of ln(session) of clinical-range
+      clients, plus ``gain_per_intake`` per point of intake above ``intake_mean``;
+    - ``deterioration_*``: the share of episodes that worsen, and by how much per ln(session);
+    - ``therapist_sd``: SD of therapist effects on the gain;
+    - ``noise_sd``: measurement error per administration (the SEM);
+    - ``sessions_*``, ``max_sessions``: course length (see ``_session_cdf``);
+    - ``fast_improver_link``: how strongly a larger gain means a shorter course;
+    - ``dropout``, ``dropout_gain_factor``: share of drop-outs and their smaller gain;
+    - ``repeat_share``: share of clients with a second episode;
+    - ``first_day``, ``last_day``: the export's date range.
     """
 
     instrument: Instrument
@@ -160,6 +181,10 @@ class SiteParams:
                 problems.append(f"{name}: {value} must be between 0 and 1")
         if self.subclinical_share + self.deterioration_share > 1.0:
             problems.append("subclinical_share + deterioration_share must be at most 1")
+        for name in ("intake_mean", "subclinical_mean", "gain_mean", "gain_per_intake",
+                     "deterioration_gain"):
+            if not math.isfinite(getattr(self, name)):
+                problems.append(f"{name}: {getattr(self, name)} must be a finite number")
         for name in ("intake_sd", "subclinical_sd", "subclinical_gain_sd", "gain_sd",
                      "deterioration_gain_sd", "therapist_sd", "noise_sd"):
             value = getattr(self, name)
@@ -195,23 +220,35 @@ class SiteParams:
         ``case_mix`` shifts the clinical intake mean by that many intake SDs (positive:
         more severe). ``effectiveness`` multiplies the mean gain (1.0: a typical clinic).
         ``n_therapists`` defaults to one per 40 clients.
+
+        PHQ-9 reference values are placed relative to the instrument's cut-off and scaled
+        by the geometric mean of the range-width ratio and the reliable-change ratio (the
+        width alone where no reliable change is known): by width alone OQ-45 would get an
+        intake SD of 30, by reliable change alone 10; the published figure is about 20.
         """
         scale = instrument.width / _REF_WIDTH
+        if instrument.reliable_change is not None:
+            scale = math.sqrt(scale * instrument.reliable_change / _REF_RELIABLE_CHANGE)
+            sem = instrument.reliable_change / (1.96 * math.sqrt(2.0))
+        else:
+            sem = _REF_SEM * scale
         boundary = _case_boundary(instrument)
 
         def at(ref: float) -> float:
             return boundary + (ref - _REF_BOUNDARY) * scale
 
-        if instrument.reliable_change is not None:
-            sem = instrument.reliable_change / (1.96 * math.sqrt(2.0))
-        else:
-            sem = _REF_SEM * scale
+        intake_sd = _REF_INTAKE_SD * scale
+        # Where the cut-off sits high in the range (WSAS), keep the clinical intake clear of
+        # the ceiling, or a pile of maximum scores would stand in for severity.
+        # (The severity scale spans lo..hi for either direction, so the worst is hi.)
+        headroom = instrument.hi - _INTAKE_HEADROOM_SDS * intake_sd
+        intake_mean = min(at(_REF_INTAKE_MEAN), headroom)
         return cls(
             instrument=instrument,
             n_clients=n_clients,
             n_therapists=max(1, round(n_clients / 40)) if n_therapists is None else n_therapists,
-            intake_mean=at(_REF_INTAKE_MEAN) + case_mix * _REF_INTAKE_SD * scale,
-            intake_sd=_REF_INTAKE_SD * scale,
+            intake_mean=intake_mean + case_mix * intake_sd,
+            intake_sd=intake_sd,
             subclinical_share=subclinical_share,
             subclinical_mean=at(_REF_SUBCLINICAL_MEAN),
             subclinical_sd=_REF_SUBCLINICAL_SD * scale,
@@ -236,6 +273,16 @@ def _case_boundary(ins: Instrument) -> float:
     return ins.lo + ins.hi - math.ceil(ins.cutoff) + 0.5
 
 
+def _soft_bounds(x: FloatArray, lo: float, hi: float, softness: float) -> FloatArray:
+    """``x`` bent smoothly into [lo, hi] (softplus at each end).
+
+    A log-linear trajectory has no floor: without this, long courses of fast improvers
+    would sit far below zero, and every later score would be a clipped 0 with no spread.
+    """
+    y = lo + softness * np.logaddexp(0.0, (x - lo) / softness)
+    return np.asarray(hi - softness * np.logaddexp(0.0, (hi - y) / softness), np.float64)
+
+
 def draw_site_params(
     rng: np.random.Generator,
     instrument: Instrument,
@@ -244,6 +291,9 @@ def draw_site_params(
     """A random clinic: size log-uniform in ``clients_range``, its own case mix,
     effectiveness, share of sub-clinical clients, drop-out rate and caseloads."""
     lo, hi = clients_range
+    if not 1 <= lo <= hi:
+        raise ValueError(
+            f"clients_range: {clients_range!r} must be (min, max) with 1 <= min <= max")
     n_clients = round(math.exp(rng.uniform(math.log(lo), math.log(hi))))
     n_clients = min(hi, max(lo, n_clients))
     caseload = rng.uniform(25.0, 60.0)
@@ -336,8 +386,8 @@ def _simulate(rng: np.random.Generator, p: SiteParams) -> _Rows:
                                 p.max_sessions - 1)
 
     # Drop-outs are mostly the short episodes: P(drop-out) proportional to 1 / sessions,
-    # scaled so that the share is p.dropout.
-    # Bisection on the histogram of lengths, not on every episode.
+    # scaled so that the share is p.dropout (bisection over the histogram of lengths, which
+    # is as exact as over every episode and independent of the clinic's size).
     lengths = np.arange(p.max_sessions + 1, dtype=np.float64)
     share_of_length = np.bincount(n_sessions, minlength=p.max_sessions + 1) / n_ep
     lo_c, hi_c = 0.0, float(p.max_sessions)
@@ -359,7 +409,8 @@ def _simulate(rng: np.random.Generator, p: SiteParams) -> _Rows:
     ep_of_row = np.repeat(np.arange(n_ep), n_sessions)
     first_row = np.cumsum(n_sessions) - n_sessions
     session = np.arange(n_rows) - first_row[ep_of_row] + 1
-    expected = intake[ep_of_row] - gain[ep_of_row] * np.log(session)
+    expected = _soft_bounds(intake[ep_of_row] - gain[ep_of_row] * np.log(session),
+                            ins.lo, ins.hi, max(p.noise_sd / 2.0, 1e-6))
     severity = np.rint(expected + rng.normal(0.0, p.noise_sd, n_rows))
     np.clip(severity, ins.lo, ins.hi, out=severity)
     score = severity if ins.better is Better.LOWER else ins.lo + ins.hi - severity
@@ -638,7 +689,7 @@ def synthesize(
 
     Clinic sizes are drawn log-uniformly from ``clients_range`` (default
     :data:`DEFAULT_CLIENTS_RANGE`). Each clinic draws from its own stream of ``seed``, so
-    the same seed writes byte-identical files, and clinic k is the same whatever
+    the same seed writes byte-identical files, and clinic k's rows are the same whatever
     ``n_sites``. Raises :class:`~protocols.SpecError` (a ValueError) for bad arguments and
     OSError when ``out`` cannot be written.
     """
