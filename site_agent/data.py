@@ -365,13 +365,15 @@ def read_intake(src: DataSource, instruments: Mapping[str, Instrument]) -> Intak
         hi = np.array([instruments[i].hi for i in ins_ids], dtype=np.int64)
         safe = np.where(ins_ok, ins_code, 0)
         out_of_range = ins_ok & ~s_missing & ~s_notint & ((score < lo[safe]) | (score > hi[safe]))
-        q.add(
-            out_of_range,
-            "score",
-            s_raw,
-            "score out of the instrument's range",
-            "check the value against the instrument's range (see configs/instruments.yaml)",
-        )
+        for code, ins_id in enumerate(ins_ids):
+            ins = instruments[ins_id]
+            q.add(
+                out_of_range & (ins_code == code),
+                "score",
+                s_raw,
+                f"score out of the {ins_id} range {ins.lo}-{ins.hi}",
+                f"correct the value; {ins_id} totals run from {ins.lo} to {ins.hi}",
+            )
 
     if cols.session is not None:
         session, ss_missing, ss_notint, ss_raw = _integers(table.column(cols.session))

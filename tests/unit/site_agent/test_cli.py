@@ -50,7 +50,7 @@ def test_check_writes_quarantine_and_strict_refuses(tmp_path: Path,
     doc = json.loads(capsys.readouterr().out)
     assert doc["rows_quarantined"] == 1 and not doc["refused"]
     report = (tmp_path / "quarantine.csv").read_text()
-    assert "score out of the instrument's range" in report and ",6," in report
+    assert "score out of the PHQ-9 range 0-27" in report and ",6," in report
     assert main(["check", "--config", cfg, "--strict"]) == ExitCode.DATA
     assert "REFUSED" in capsys.readouterr().out
     assert main(["summary", "--config", cfg, "--strict"]) == ExitCode.DATA

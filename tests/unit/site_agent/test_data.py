@@ -34,8 +34,8 @@ def test_clean_file_passes(tmp_path: Path) -> None:
     ("a,1,2026-01-01,", "score", "missing score"),
     ("a,1,2026-01-01,12.5", "score", "not a whole number"),
     ("a,1,2026-01-01,n/a", "score", "not a whole number"),
-    ("a,1,2026-01-01,28", "score", "out of the instrument's range"),
-    ("a,1,2026-01-01,-1", "score", "out of the instrument's range"),
+    ("a,1,2026-01-01,28", "score", "out of the PHQ-9 range 0-27"),
+    ("a,1,2026-01-01,-1", "score", "out of the PHQ-9 range 0-27"),
     ("a,0,2026-01-01,5", "session", "whole number from 1"),
     ("a,x,2026-01-01,5", "session", "whole number from 1"),
     ("a,,2026-01-01,5", "session", "missing session"),
@@ -110,7 +110,7 @@ def test_range_is_per_instrument(tmp_path: Path) -> None:
                                                   "instrument": "ins", "score": "total"}},
     )
     intake = read_intake(cfg.data, cfg.instruments)
-    assert _reasons(intake.quarantine) == {2: "score out of the instrument's range"}
+    assert _reasons(intake.quarantine) == {2: "score out of the GAD-7 range 0-21"}
 
 
 def test_episodes_split_at_date_gap(tmp_path: Path) -> None:
@@ -169,7 +169,7 @@ def test_parquet_with_typed_columns(tmp_path: Path) -> None:
         "columns": {"client_id": "client", "session": "session_no", "date": "seen_on",
                     "score": "total"}})
     intake = read_intake(cfg.data, cfg.instruments)
-    assert _reasons(intake.quarantine) == {2: "score out of the instrument's range"}
+    assert _reasons(intake.quarantine) == {2: "score out of the PHQ-9 range 0-27"}
     assert intake.records.n_rows == 2
 
 
