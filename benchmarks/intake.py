@@ -4,7 +4,8 @@ Generates (once, cached under ``--workdir``) a long-format CSV export for ``--cl
 clients, about 7 rows per client, then measures in fresh child processes:
 
 - ``read``: ``pyarrow.csv.read_csv(path)`` of the file (the baseline), and, for
-  reference, ``pandas.read_csv(path, engine="pyarrow")``;
+  reference, the same read with every column as text (what ``read_intake`` itself asks
+  pyarrow for) and ``pandas.read_csv(path, engine="pyarrow")``;
 - ``intake``: ``load_site_config`` + ``read_intake`` (validation and quarantine) +
   ``derive_episodes(max_session=20)`` + ``summarize``.
 
@@ -282,6 +283,24 @@ def _phase_read_arrow(config: Path) -> dict[str, Any]:
     return {"steps": [["pyarrow.csv.read_csv", table.num_rows, wall]], "wall": wall}
 
 
+def _phase_read_arrow_text(config: Path) -> dict[str, Any]:
+    """For reference: the read ``read_intake`` itself does (every column as text)."""
+    path = config.parent / "outcomes.csv"
+    with path.open(encoding="utf-8") as fh:
+        header = fh.readline().rstrip("\r\n").split(",")
+    t0 = time.perf_counter()
+    table = pacsv.read_csv(
+        path,
+        read_options=pacsv.ReadOptions(block_size=1 << 24),
+        convert_options=pacsv.ConvertOptions(
+            column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=False
+        ),
+    )
+    wall = time.perf_counter() - t0
+    return {"steps": [["pyarrow read_csv, all columns text", table.num_rows, wall]],
+            "wall": wall}
+
+
 def _phase_read_pandas(config: Path) -> dict[str, Any]:
     pd = importlib.import_module("pandas")
     path = config.parent / "outcomes.csv"
@@ -329,6 +348,7 @@ def _phase_intake(config: Path) -> dict[str, Any]:
 
 PHASES: dict[str, Callable[[Path], dict[str, Any]]] = {
     "read-arrow": _phase_read_arrow,
+    "read-arrow-text": _phase_read_arrow_text,
     "read-pandas": _phase_read_pandas,
     "intake": _phase_intake,
 }
@@ -399,7 +419,7 @@ def report(
     header = ["phase", "rows", "wall s", "peak RSS MiB", "start RSS MiB"]
     widths = [42, 11, 8, 13, 13]
     lines = [_row(header, widths), "-+-".join("-" * w for w in widths)]
-    for phase in ("read-arrow", "read-pandas"):
+    for phase in ("read-arrow", "read-arrow-text", "read-pandas"):
         label, rows, _ = best(phase)["steps"][0]
         lines.append(_row(
             [f"read: {label}", f"{rows:,}", f"{best(phase)['wall']:.2f}", f"{peak(phase):.0f}",

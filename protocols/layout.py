@@ -1,0 +1,135 @@
+"""The statistics a study asks for: named blocks of bounded integer sums per intake band.
+
+Both sides derive the same layout from the study: the site fills and noises the blocks,
+the coordinator sums and interprets them. A block is a flat integer vector of
+``n_bands * width`` values (band-major). ``sensitivity_sq`` is the exact square of the
+largest L2 change one *episode* can cause; a client with up to m episodes changes the
+block by at most m times that root (all m episodes may fall into one band).
+
+Budget split (see :func:`budget_weights`): every block gets a share of the study's rho in
+proportion to 1 / typical^2, where ``typical`` is a public, fixed guess of a statistic's
+per-episode value as a fraction of its bound. With Gaussian noise the relative error of a
+block is proportional to 1 / (typical * sqrt(share)), so this split makes the expected
+relative errors of all blocks equal: no family is starved or over-served. The typical
+fractions are constants here, never estimated from data (that would leak).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+from protocols.study import Family, Study
+
+__all__ = ["CATEGORY_NAMES", "BlockSpec", "block_layout", "budget_weights"]
+
+CATEGORY_NAMES = (
+    "reliably_improved",
+    "reliably_deteriorated",
+    "recovered",
+    "reliably_recovered",
+    "case_at_intake",
+    "response",
+    "remission",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockSpec:
+    name: str
+    family: Family
+    n_bands: int
+    width: int  # values per band (1, K sessions, or histogram bins)
+    lo: int  # bounds of one episode's contribution to one value
+    hi: int
+    sensitivity_sq: int  # squared L2 bound of one episode's contribution to the block (exact)
+    typical: Fraction  # public guess of the typical per-episode value / bound
+    labels: tuple[str, ...]  # one per column within a band
+
+    @property
+    def size(self) -> int:
+        return self.n_bands * self.width
+
+    def sensitivity(self, max_episodes: int = 1) -> float:
+        """L2 bound for one client with up to ``max_episodes`` episodes, rounded up so
+        the float never understates the exact value."""
+        exact = max_episodes * math.sqrt(self.sensitivity_sq)
+        return math.nextafter(exact, math.inf)
+
+
+def block_layout(study: Study) -> tuple[BlockSpec, ...]:
+    """The blocks of ``study`` in canonical order."""
+    ins = study.instrument
+    nb = len(study.bands)
+    level = max(abs(ins.lo), abs(ins.hi))  # bound on |score|
+    w = ins.hi - ins.lo  # bound on |change|
+    k = study.max_session
+    blocks: list[BlockSpec] = []
+
+    def add(
+        name: str,
+        fam: Family,
+        lo: int,
+        hi: int,
+        typical: str,
+        width: int = 1,
+        sens_sq: int | None = None,
+        labels: tuple[str, ...] = ("value",),
+    ) -> None:
+        bound = max(abs(lo), abs(hi))
+        blocks.append(
+            BlockSpec(
+                name=name,
+                family=fam,
+                n_bands=nb,
+                width=width,
+                lo=lo,
+                hi=hi,
+                sensitivity_sq=sens_sq if sens_sq is not None else bound * bound,
+                typical=Fraction(typical),
+                labels=labels,
+            )
+        )
+
+    if Family.COUNTS in study.families:
+        add("episodes", Family.COUNTS, 0, 1, "1")
+    if Family.CHANGE in study.families:
+        add("sum_intake", Family.CHANGE, min(ins.lo, 0), ins.hi, "1/2")
+        add("sum_final", Family.CHANGE, min(ins.lo, 0), ins.hi, "1/3")
+        add("sum_change", Family.CHANGE, -w, w, "1/5")
+        add("sum_change_sq", Family.CHANGE, 0, w * w, "1/12")
+        add("sum_intake_sq", Family.CHANGE, 0, level * level, "1/3")
+        add("sum_intake_change", Family.CHANGE, -level * w, level * w, "1/10")
+    if Family.CATEGORIES in study.families:
+        for name in CATEGORY_NAMES:
+            add(name, Family.CATEGORIES, 0, 1, "1/2")
+    if Family.TRAJECTORY in study.families:
+        # One episode has at most one score per session 1..K, in its own band.
+        sessions = tuple(str(s) for s in range(1, k + 1))
+        add("traj_n", Family.TRAJECTORY, 0, 1, "1/2", width=k, sens_sq=k, labels=sessions)
+        add(
+            "traj_sum", Family.TRAJECTORY, -w, w, "1/5", width=k, sens_sq=k * w * w, labels=sessions
+        )
+        add(
+            "traj_sum_sq",
+            Family.TRAJECTORY,
+            0,
+            w * w,
+            "1/12",
+            width=k,
+            sens_sq=k * w**4,
+            labels=sessions,
+        )
+    if Family.HISTOGRAM in study.families:
+        bins = tuple(str(c) for c in range(-w, w + 1))
+        # One episode falls in exactly one bin; the typical populated bin holds ~1/10.
+        add("change_hist", Family.HISTOGRAM, 0, 1, "1/10", width=2 * w + 1, sens_sq=1, labels=bins)
+    return tuple(blocks)
+
+
+def budget_weights(blocks: tuple[BlockSpec, ...]) -> tuple[Fraction, ...]:
+    """Each block's share of the study's rho (exact; they sum to 1)."""
+    raw = [1 / (b.typical * b.typical) for b in blocks]
+    total = sum(raw, Fraction(0))
+    return tuple(r / total for r in raw)
