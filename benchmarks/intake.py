@@ -121,7 +121,7 @@ def _rows_builtin(n_clients: int, seed: int) -> _Rows:
     """Vectorised fallback: one episode per client, 1 + negative binomial sessions (median
     5, mean ~6.5), log-linear improvement on PHQ-9 (0-27), roughly weekly dates."""
     rng = np.random.default_rng(seed)
-    extra_mean, sd = 5.5, 4.0
+    extra_mean, sd = 5.5, 4.5
     p = extra_mean / sd**2
     r = extra_mean**2 / (sd**2 - extra_mean)
     n_sessions = 1 + np.minimum(rng.negative_binomial(r, p, n_clients), 59)
@@ -452,7 +452,7 @@ def report(
     hwm = [(r["peak_mib"], r["hwm_mib"]) for rs in runs.values() for r in rs]
     gap = max((a - b for a, b in hwm if b is not None), default=0.0)
     print(f"check: launcher ru_maxrss {launcher_mib:.0f} MiB (a floor for every child's "
-          f"ru_maxrss); largest child ru_maxrss - VmHWM = {gap:.0f} MiB"
+          f"ru_maxrss); largest child ru_maxrss - VmHWM = {max(gap, 0.0):.0f} MiB"
           + ("" if gap <= 16 else "  WARNING: ru_maxrss may be inherited from the launcher"))
     if repeat > 1:
         for phase, rs in runs.items():

@@ -54,8 +54,10 @@ class BlockSpec:
     def sensitivity(self, max_episodes: int = 1) -> float:
         """L2 bound for one client with up to ``max_episodes`` episodes, rounded up so
         the float never understates the exact value."""
-        exact = max_episodes * math.sqrt(self.sensitivity_sq)
-        return math.nextafter(exact, math.inf)
+        root = math.isqrt(self.sensitivity_sq)
+        if root * root == self.sensitivity_sq:
+            return float(max_episodes * root)  # exact in a float for any realistic bound
+        return math.nextafter(max_episodes * math.sqrt(self.sensitivity_sq), math.inf)
 
 
 def block_layout(study: Study) -> tuple[BlockSpec, ...]:

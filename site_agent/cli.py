@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from site_agent import crypto
 from site_agent.config import SiteConfig, load_site_config
 from site_agent.data import Intake, read_intake
-from site_agent.errors import EXIT_HELP, ConfigError, DataError, ExitCode
+from site_agent.errors import EXIT_HELP, ConfigError, DataError, ExitCode, refusal_exit
 from site_agent.outcomes import derive_episodes
+from site_agent.privacy import Refused, ReleaseEngine, load_policy, load_study_request
 from site_agent.summary import LOCAL_ONLY, summarize
 
 __all__ = ["main"]
@@ -28,8 +32,8 @@ def _epilog() -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="outcomebench-site",
-        description="outcomebench site agent: checks the clinic's outcome export and "
-        "summarises it locally.",
+        description="outcomebench site agent: checks the clinic's outcome export, "
+        "summarises it locally and answers studies with differentially private releases.",
         epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -78,7 +82,268 @@ def _parser() -> argparse.ArgumentParser:
         help="trajectories use sessions 1..K (default 20)",
     )
     summary.set_defaults(run=_summary)
+
+    def sub_cmd(
+        name: str,
+        help_: str,
+        run: Callable[[argparse.Namespace], int],
+        study: bool = False,
+        json_: bool = True,
+    ) -> argparse.ArgumentParser:
+        sp = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=_epilog(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sp.add_argument("--config", required=True, type=Path, help="the site's site.yaml")
+        if study:
+            sp.add_argument(
+                "--study",
+                required=True,
+                type=Path,
+                help="study.yaml (draft) or a signed study (JSON)",
+            )
+        if json_:
+            sp.add_argument("--json", action="store_true", help="print JSON instead of text")
+        sp.set_defaults(run=run)
+        return sp
+
+    sub_cmd(
+        "preview",
+        "show exactly what a study would release and cost; spends nothing",
+        _preview,
+        study=True,
+    )
+    rel = sub_cmd(
+        "release",
+        "answer a study offline: write a signed release file through "
+        "the ledger (for air-gapped clinics)",
+        _release,
+        study=True,
+    )
+    rel.add_argument("--out", required=True, type=Path, help="where to write release.json")
+    sub_cmd("budget", "the privacy budget: period, spent, remaining", _budget)
+    sub_cmd("requests", "studies awaiting or past the privacy officer's decision", _requests)
+    for name, verb in (("approve", "approve"), ("deny", "deny")):
+        sp = sub_cmd(name, f"{verb} a pending study request (manual approval)", _decide)
+        sp.add_argument("request_id", metavar="REQUEST_ID")
+        sp.set_defaults(approve=name == "approve")
+    aud = sub_cmd("audit", "show the audit log; --verify checks its hash chain", _audit)
+    aud.add_argument("--verify", action="store_true", help="verify the chain; exit 5 if broken")
+    sub_cmd(
+        "pubkey", "print the site's Ed25519 public key (PEM) for registration", _pubkey, json_=False
+    )
     return p
+
+
+def _engine(args: argparse.Namespace) -> ReleaseEngine:
+    cfg = load_site_config(args.config)
+    if cfg.privacy_policy is None:
+        raise ConfigError(
+            str(cfg.source),
+            [
+                "privacy_policy: missing; add `privacy_policy: privacy.yaml` naming the privacy "
+                "officer's policy (see configs/privacy.example.yaml)"
+            ],
+        )
+    policy = load_policy(cfg.privacy_policy)
+    for note in policy.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    return ReleaseEngine(cfg, policy)
+
+
+def _emit(args: argparse.Namespace, doc: Any, text: Callable[[Any], None]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(doc, indent=2, default=str))
+    else:
+        text(doc)
+
+
+def _refused(args: argparse.Namespace, r: Refused) -> int:
+    doc = {"refused": str(r.code), "message": r.message, "detail_local_only": r.detail}
+    _emit(
+        args,
+        doc,
+        lambda d: print(
+            f"REFUSED ({d['refused']}): {d['message']}"
+            + (f"\n  detail (local only): {r.detail}" if r.detail else ""),
+            file=sys.stderr,
+        ),
+    )
+    return refusal_exit(r.code)
+
+
+def _preview(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    try:
+        req = load_study_request(args.study)
+    except Refused as r:
+        return _refused(args, r)
+    doc = engine.preview(req)
+    _emit(args, doc, _print_preview)
+    return ExitCode.OK
+
+
+def _print_preview(d: dict[str, Any]) -> None:
+    print(
+        f"PREVIEW (nothing is spent): study {d['study_id']} {d['title']!r} at site {d['site_id']}"
+    )
+    print(f"  study hash {d['study_hash']}; instrument {d['instrument']}; bands {d['bands']}")
+    if "what_leaves" in d:
+        print("  what would leave (each value noised; +/- is the 95% noise interval):")
+        print(f"    {'block':<22} {'family':<11} {'values':>6} {'scale':>10} {'+/-95%':>10}")
+        for b in d["what_leaves"]:
+            print(
+                f"    {b['block']:<22} {b['family']:<11} {b['values']:>6} "
+                f"{b['noise_scale']:>10} {b['plus_minus_95']:>10}"
+            )
+        c = d["cost"]
+        print(
+            f"  cost: rho {c['rho']:.6g} = epsilon {c['epsilon']:.4g} at delta {c['delta']:g} "
+            f"(requested {c['requested']})"
+        )
+    b = d["budget"]
+    print(
+        f"  budget {b['period_start']}..{b['period_end']}: rho {b['budget_rho']:.6g}, spent "
+        f"{b['spent_rho']:.6g}, remaining {b['remaining_rho']:.6g}"
+        + (
+            f", after this study {b['remaining_after_rho']:.6g}"
+            if "remaining_after_rho" in b
+            else ""
+        )
+    )
+    outcome = d["outcome"] + (f" ({d['code']}: {d['reason']})" if "code" in d else "")
+    print(f"  outcome: {outcome}")
+
+
+def _release(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    try:
+        req = load_study_request(args.study)
+        body = engine.release(req)
+    except Refused as r:
+        return _refused(args, r)
+    try:
+        args.out.write_bytes(body)
+    except OSError as exc:
+        print(
+            f"{args.out}: cannot write ({exc.strerror}); the release is cached in the "
+            "ledger: run the same command again with a writable --out (no extra cost)",
+            file=sys.stderr,
+        )
+        return ExitCode.DATA
+    doc = {
+        "written": str(args.out),
+        "study_id": req.study.id,
+        "study_hash": req.study.hash,
+        "sha256": hashlib.sha256(body).hexdigest(),
+    }
+    _emit(
+        args,
+        doc,
+        lambda d: print(
+            f"signed release of {d['study_id']} written to {d['written']} (sha256 {d['sha256']})"
+        ),
+    )
+    return ExitCode.OK
+
+
+def _budget(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    pol = engine.policy
+    with engine.ledger() as led:
+        st = led.status()
+    doc = {
+        "site_id": engine.site.site_id,
+        "period": {
+            "start": st.period_start.isoformat(),
+            "end": st.period_end.isoformat(),
+            "days": pol.period_days,
+        },
+        "budget": {"rho": str(st.budget), "epsilon": pol.epsilon(st.budget)},
+        "spent": {"rho": str(st.spent), "epsilon": pol.epsilon(st.spent)},
+        "remaining": {"rho": str(st.remaining), "epsilon": pol.epsilon(st.remaining)},
+        "delta": float(pol.delta),
+        "per_study_cap": {"rho": str(pol.per_study_rho), "epsilon": pol.epsilon(pol.per_study_rho)},
+        "note": "the budget starts afresh each period: a policy choice, not a DP property",
+    }
+
+    def text(d: dict[str, Any]) -> None:
+        print(f"site {d['site_id']}, period {d['period']['start']}..{d['period']['end']}")
+        for k in ("budget", "spent", "remaining", "per_study_cap"):
+            print(
+                f"  {k:<14} rho {float(Fraction(d[k]['rho'])):.6g}  "
+                f"(epsilon {d[k]['epsilon']:.4g} at delta {d['delta']:g})"
+            )
+        print(f"  note: {d['note']}")
+
+    _emit(args, doc, text)
+    return ExitCode.OK
+
+
+def _requests(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    with engine.ledger() as led:
+        rows = led.requests()
+
+    def text(rs: list[dict[str, Any]]) -> None:
+        if not rs:
+            print("no study requests recorded")
+        for r in rs:
+            print(
+                f"{r['request_id']}  {r['state']:<8} {r['study_id']}  {r['title']!r}  "
+                f"rho {float(Fraction(r['rho'])):.6g}  since {r['created']}"
+            )
+
+    _emit(args, rows, text)
+    return ExitCode.OK
+
+
+def _decide(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    with engine.ledger() as led:
+        try:
+            doc = led.decide(args.request_id, args.approve)
+        except KeyError:
+            print(
+                f"no request {args.request_id!r}; see `outcomebench-site requests`", file=sys.stderr
+            )
+            return ExitCode.USAGE
+    _emit(args, doc, lambda d: print(f"request {d['request_id']} ({d['study_id']}): {d['state']}"))
+    return ExitCode.OK
+
+
+def _audit(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    with engine.ledger() as led:
+        entries = led.audit_entries()
+        problems = led.verify_audit() if args.verify else []
+    doc = {
+        "entries": entries,
+        "verified": not problems if args.verify else None,
+        "problems": problems,
+    }
+
+    def text(d: dict[str, Any]) -> None:
+        for e in d["entries"]:
+            print(
+                f"{e['seq']:>6} {e['ts']} {e['kind']:<10} {json.dumps(e['body'], sort_keys=True)}"
+            )
+        if args.verify:
+            print("audit chain: OK" if not problems else "audit chain: BROKEN")
+            for p in problems:
+                print(f"  {p}")
+
+    _emit(args, doc, text)
+    return ExitCode.AUDIT if problems else ExitCode.OK
+
+
+def _pubkey(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    print(crypto.public_pem(crypto.load_or_create_key(engine.policy.state_dir)), end="")
+    return ExitCode.OK
 
 
 def _intake(args: argparse.Namespace) -> tuple[SiteConfig, Intake, Path, bool]:

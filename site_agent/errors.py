@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from protocols.codes import MESSAGES, ErrorCode
 from protocols.errors import SpecError
 
-__all__ = ["EXIT_HELP", "ConfigError", "DataError", "ExitCode"]
+__all__ = ["EXIT_HELP", "ConfigError", "DataError", "ExitCode", "refusal_exit"]
 
 
 class ConfigError(SpecError):
@@ -31,12 +32,26 @@ class DataError(ValueError):
 
 
 class ExitCode(IntEnum):
-    """Exit codes of ``outcomebench-site``; every code has help text in EXIT_HELP."""
+    """Exit codes of ``outcomebench-site``; every code has help text in EXIT_HELP.
+
+    10-19 are refusals of a study, one per protocol error code (protocols.codes).
+    """
 
     OK = 0
     USAGE = 2
     CONFIG = 3
     DATA = 4
+    AUDIT = 5
+    BUDGET_EXHAUSTED = 10
+    OVER_STUDY_CAP = 11
+    NOT_ALLOWED = 12
+    MALFORMED_STUDY = 13
+    STUDY_CONFLICT = 14
+    UNTRUSTED_STUDY = 15
+    PENDING_APPROVAL = 16
+    DENIED = 17
+    INVALID_DATA = 18
+    INTERNAL_ERROR = 19
     INTERNAL = 70
 
 
@@ -46,5 +61,11 @@ EXIT_HELP: dict[ExitCode, str] = {
     ExitCode.CONFIG: "the site configuration is invalid: every problem is listed with its fix",
     ExitCode.DATA: "the data file cannot be used (missing, unreadable, no valid rows, or "
     "refused whole under --strict); see the quarantine report",
+    ExitCode.AUDIT: "the audit log failed verification: it was edited, reordered or truncated",
+    **{ExitCode[c.name]: f"refused: {MESSAGES[c]}" for c in ErrorCode},
     ExitCode.INTERNAL: "internal error: this is a bug, please report it",
 }
+
+
+def refusal_exit(code: ErrorCode) -> ExitCode:
+    return ExitCode[code.name]

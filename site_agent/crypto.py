@@ -1,0 +1,86 @@
+"""The site's cryptography, in one place: its Ed25519 signing key and checking the
+coordinator's study signatures."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from protocols.release import Envelope
+
+__all__ = [
+    "KEY_FILE",
+    "load_or_create_key",
+    "public_pem",
+    "raw_public",
+    "sign",
+    "trusted",
+    "verify",
+]
+
+KEY_FILE = "site_signing_key.pem"
+
+
+def load_or_create_key(state_dir: Path) -> Ed25519PrivateKey:
+    """The site's signing key, created (owner-only) on first use."""
+    path = state_dir / KEY_FILE
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise ValueError(f"{path}: not an Ed25519 private key")
+    return loaded
+
+
+def raw_public(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
+    pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def public_pem(key: Ed25519PrivateKey) -> str:
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def sign(key: Ed25519PrivateKey, kind: str, payload: bytes) -> Envelope:
+    return Envelope(
+        kind=kind, payload=payload, public_key=raw_public(key), signature=key.sign(payload)
+    )
+
+
+def verify(env: Envelope) -> bool:
+    """The signature is valid for the envelope's own public key."""
+    try:
+        Ed25519PublicKey.from_public_bytes(env.public_key).verify(env.signature, env.payload)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def trusted(env: Envelope, key_files: Iterable[Path]) -> bool:
+    """Signed by one of the trusted public keys (PEM files), and the signature verifies."""
+    for path in key_files:
+        try:
+            pub = serialization.load_pem_public_key(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if isinstance(pub, Ed25519PublicKey) and raw_public(pub) == env.public_key:
+            return verify(env)
+    return False
