@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
@@ -48,9 +49,18 @@ class NoisyBlock:
     rho: Fraction  # OpenDP's privacy map of this block at ``sensitivity``
 
     def as_json(self) -> dict[str, Any]:
-        return {"name": self.name, "family": self.family, "n_bands": self.n_bands,
-                "width": self.width, "values": list(self.values), "lo": self.lo, "hi": self.hi,
-                "sensitivity": self.sensitivity, "scale": self.scale, "rho": str(self.rho)}
+        return {
+            "name": self.name,
+            "family": self.family,
+            "n_bands": self.n_bands,
+            "width": self.width,
+            "values": list(self.values),
+            "lo": self.lo,
+            "hi": self.hi,
+            "sensitivity": self.sensitivity,
+            "scale": self.scale,
+            "rho": str(self.rho),
+        }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -79,7 +89,7 @@ class SiteRelease:
             "created": self.created,
             "privacy": {
                 "rho": str(self.rho),
-                "epsilon": self.epsilon,
+                "epsilon": self.epsilon if math.isfinite(self.epsilon) else None,
                 "delta": self.delta,
                 "unit": self.unit,
                 "max_episodes_per_client": self.max_episodes_per_client,
@@ -97,26 +107,41 @@ class SiteRelease:
     def from_json(cls, doc: Any) -> SiteRelease:
         try:
             if doc["format"] != RELEASE_FORMAT or doc["version"] != RELEASE_VERSION:
-                raise SpecError("release", [f"release: expected {RELEASE_FORMAT} version "
-                                            f"{RELEASE_VERSION}"])
+                raise SpecError(
+                    "release", [f"release: expected {RELEASE_FORMAT} version {RELEASE_VERSION}"]
+                )
             p = doc["privacy"]
             blocks = tuple(
-                NoisyBlock(name=str(b["name"]), family=str(b["family"]),
-                           n_bands=int(b["n_bands"]), width=int(b["width"]),
-                           values=tuple(int(v) for v in b["values"]), lo=int(b["lo"]),
-                           hi=int(b["hi"]), sensitivity=float(b["sensitivity"]),
-                           scale=float(b["scale"]), rho=Fraction(b["rho"]))
+                NoisyBlock(
+                    name=str(b["name"]),
+                    family=str(b["family"]),
+                    n_bands=int(b["n_bands"]),
+                    width=int(b["width"]),
+                    values=tuple(int(v) for v in b["values"]),
+                    lo=int(b["lo"]),
+                    hi=int(b["hi"]),
+                    sensitivity=float(b["sensitivity"]),
+                    scale=float(b["scale"]),
+                    rho=Fraction(b["rho"]),
+                )
                 for b in doc["blocks"]
             )
             for b in blocks:
                 if len(b.values) != b.n_bands * b.width:
                     raise SpecError("release", [f"release: block {b.name} has the wrong size"])
             return cls(
-                study_id=str(doc["study_id"]), study_hash=str(doc["study_hash"]),
-                site_id=str(doc["site_id"]), created=str(doc["created"]), blocks=blocks,
-                rho=Fraction(p["rho"]), epsilon=float(p["epsilon"]), delta=float(p["delta"]),
-                unit=str(p["unit"]), max_episodes_per_client=int(p["max_episodes_per_client"]),
-                mechanism=str(p["mechanism"]), window_applied=bool(doc["window_applied"]),
+                study_id=str(doc["study_id"]),
+                study_hash=str(doc["study_hash"]),
+                site_id=str(doc["site_id"]),
+                created=str(doc["created"]),
+                blocks=blocks,
+                rho=Fraction(p["rho"]),
+                epsilon=math.inf if p["epsilon"] is None else float(p["epsilon"]),
+                delta=float(p["delta"]),
+                unit=str(p["unit"]),
+                max_episodes_per_client=int(p["max_episodes_per_client"]),
+                mechanism=str(p["mechanism"]),
+                window_applied=bool(doc["window_applied"]),
                 versions={str(k): str(v) for k, v in doc["versions"].items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as exc:
@@ -140,9 +165,11 @@ class Envelope:
             "format": f"outcomebench.signed-{self.kind}",
             "version": 1,
             "payload": json.loads(self.payload),
-            "signature": {"alg": "ed25519",
-                          "public_key": base64.b64encode(self.public_key).decode(),
-                          "value": base64.b64encode(self.signature).decode()},
+            "signature": {
+                "alg": "ed25519",
+                "public_key": base64.b64encode(self.public_key).decode(),
+                "value": base64.b64encode(self.signature).decode(),
+            },
         }
 
     def dumps(self) -> str:
@@ -159,9 +186,13 @@ def parse_envelope(text: str | bytes, kind: str) -> Envelope:
         sig = doc["signature"]
         if sig["alg"] != "ed25519":
             raise ValueError("alg")
-        return Envelope(kind=kind, payload=canonical_json(doc["payload"]),
-                        public_key=base64.b64decode(sig["public_key"], validate=True),
-                        signature=base64.b64decode(sig["value"], validate=True))
+        return Envelope(
+            kind=kind,
+            payload=canonical_json(doc["payload"]),
+            public_key=base64.b64decode(sig["public_key"], validate=True),
+            signature=base64.b64decode(sig["value"], validate=True),
+        )
     except (ValueError, KeyError, TypeError) as exc:
-        raise SpecError(kind, [f"{kind}: not a signed outcomebench {kind} "
-                               f"({exc.__class__.__name__})"]) from None
+        raise SpecError(
+            kind, [f"{kind}: not a signed outcomebench {kind} ({exc.__class__.__name__})"]
+        ) from None

@@ -1,0 +1,504 @@
+"""Benchmark: a full privacy release against computing the same exact sums directly.
+
+One study (PHQ-9, window 2025-01-01..2026-12-31, bands 0-9/10-14/15-19/20-27, all five
+statistic families, K = 20 sessions, rho = 0.05, one episode per client) is answered from
+a synthetic export of ``--clients`` clients (generated once and cached by
+``benchmarks/intake.py``). Intake and derivation run once, untimed for the comparison;
+then, on the same derived episodes (``derive_episodes`` output):
+
+- ``exact``: the sufficient statistics the release contains, computed with plain
+  pandas/numpy written here (independent of ``site_agent.privacy.statistics``): the
+  window filter, the latest episode per client, and per intake band the episode count,
+  the sums of intake, final, change, change^2, intake^2 and intake*change, the 7 category
+  counts, for sessions 1..K the count, sum and sum of squares of (score_k - intake), and
+  the change histogram;
+- ``release``: the privacy engine's part, step by step as ``ReleaseEngine.release`` and
+  ``_compute`` do it: ``plan`` (policy checks + compiling the OpenDP measurements), opening
+  the ledger and reserving the spend, ``select_episodes`` + ``exact_blocks``, OpenDP noise
+  for every block, building and signing the release, and completing the ledger.
+
+The engine's exact blocks are checked against the independent computation (OK/MISMATCH).
+For context it also times the real ``ReleaseEngine.release()`` twice: with intake and
+derivation stubbed to return the already-derived episodes, and end to end (reading the
+CSV). Every release uses a fresh ledger (pre-created, with the site key) and a large
+budget, so nothing is refused or served from the cache.
+
+Target: release <= 2 * exact + 1 s. The exit status is 0 whether the target passes or
+not; non-zero on errors, including a MISMATCH of the cross-check.
+
+Usage::
+
+    python benchmarks/release.py --clients 100000
+    python benchmarks/release.py                     # 1,000,000 clients
+    python benchmarks/release.py --repeat 3          # best of 3
+    python benchmarks/release.py --profile           # also cProfile one stepwise release
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import dataclasses
+import datetime as dt
+import gc
+import importlib.util
+import io
+import json
+import pstats
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+import site_agent.privacy.engine as engine_mod
+from protocols.layout import CATEGORY_NAMES, block_layout
+from protocols.release import NoisyBlock, SiteRelease, parse_envelope
+from protocols.study import Family, Study, parse_study
+from site_agent import crypto
+from site_agent.config import load_site_config
+from site_agent.data import read_intake
+from site_agent.outcomes import MISSING, Episodes, derive_episodes
+from site_agent.privacy.accounting import MECHANISM, zcdp_to_epsilon
+from site_agent.privacy.engine import ReleaseEngine, StudyRequest
+from site_agent.privacy.policy import PrivacyPolicy, load_policy
+from site_agent.privacy.statistics import exact_blocks, select_episodes
+
+I64 = npt.NDArray[np.int64]
+TARGET_FACTOR = 2.0
+TARGET_FIXED_S = 1.0
+INSTRUMENT = "PHQ-9"
+MAX_SESSION = 20
+MAX_EPISODES = 1
+_EPOCH = dt.date(1970, 1, 1)
+_NO_DATE = np.iinfo(np.int32).min
+
+STUDY = {
+    "id": "bench-release",
+    "title": "benchmarks/release.py: all families, K = 20",
+    "instrument": INSTRUMENT,
+    "window": {"start": "2025-01-01", "end": "2026-12-31"},
+    "inclusion": {"min_scores": 2},
+    "bands": [[0, 9], [10, 14], [15, 19], [20, 27]],
+    "families": [str(f) for f in Family],
+    "max_session": MAX_SESSION,
+    "privacy": {"rho": 0.05},
+}
+
+POLICY_YAML = f"""\
+# Written by benchmarks/release.py: allows the benchmark study, with budget to spare.
+unit: client_id
+max_episodes_per_client: {MAX_EPISODES}
+per_study: {{rho: 1}}
+budget: {{rho: 100, period_days: 365}}
+allow:
+  instruments: [{INSTRUMENT}]
+  families: [{", ".join(str(f) for f in Family)}]
+approval: auto
+state_dir: state/
+"""
+
+
+def _load_intake_bench() -> ModuleType:
+    """``benchmarks/intake.py`` as a module (benchmarks/ is not a package): its cached
+    generation of the synthetic export is reused as is."""
+    path = Path(__file__).resolve().with_name("intake.py")
+    spec = importlib.util.spec_from_file_location("outcomebench_bench_intake", path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load {path}")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def export_dir(workdir: Path, n_clients: int, seed: int) -> tuple[Path, dict[str, Any]]:
+    """The clean export for ``n_clients`` (generated by intake.py in a child if absent)."""
+    bench = _load_intake_bench()
+    directory: Path = bench.data_dir(workdir, n_clients, seed, False)
+    meta = bench.cached_meta(directory)
+    if meta is None:
+        bench.spawn(["--phase", "generate", "--workdir", str(workdir), "--clients",
+                     str(n_clients), "--seed", str(seed)])
+        meta = bench.cached_meta(directory)
+        if meta is None:
+            raise RuntimeError(f"generation left no data in {directory}")
+    else:
+        print(f"using cached {directory / 'outcomes.csv'}", file=sys.stderr)
+    return directory, meta
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class Steps:
+    """Named wall times (``time.perf_counter``), in order."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+    @property
+    def total(self) -> float:
+        return sum(self.times.values())
+
+
+# --------------------------------------------------------------------------- exact
+
+
+def exact_direct(
+    table: pd.DataFrame,
+    trajectory: npt.NDArray[np.int32],
+    study: Study,
+    max_episodes: int,
+    steps: Steps,
+) -> dict[str, I64]:
+    """The release's sufficient statistics with plain pandas/numpy, block name -> exact
+    band-major vector. Written independently of site_agent.privacy.statistics; only the
+    block names and order come from the shared layout, for the comparison.
+
+    No clipping: every per-episode value of a validated in-range score already lies inside
+    its block's bounds (for PHQ-9: |change| <= 27, squares and products <= 729), so the
+    engine's clipping changes nothing; the cross-check confirms it.
+    """
+    ins = study.instrument
+    nb = len(study.bands)
+    k = study.max_session
+    width = ins.hi - ins.lo
+    with steps("select: window, min scores, latest episode per client"):
+        d = table.assign(_pos=np.arange(len(table)))
+        if (d["last_date"] != _NO_DATE).all():  # an export without dates has no window
+            start = (study.window[0] - _EPOCH).days
+            end = (study.window[1] - _EPOCH).days
+            d = d[d["last_date"].between(start, end)]
+        d = d[d["n_scores"] >= study.min_scores]
+        d = d.sort_values(["client", "last_date", "episode"]).groupby("client").tail(max_episodes)
+    with steps("sums per band: pandas groupby"):
+        intake = d["intake"].to_numpy(np.int64)
+        final = d["final"].to_numpy(np.int64)
+        change = d["change"].to_numpy(np.int64)
+        reliable = d["reliable"].to_numpy()
+        upper = np.array([hi for _, hi in study.bands])
+        band = np.searchsorted(upper, intake, side="left")
+        per = pd.DataFrame({
+            "episodes": np.ones(len(d), dtype=np.int64),
+            "sum_intake": intake,
+            "sum_final": final,
+            "sum_change": change,
+            "sum_change_sq": change * change,
+            "sum_intake_sq": intake * intake,
+            "sum_intake_change": intake * change,
+            "reliably_improved": reliable == 1,
+            "reliably_deteriorated": reliable == -1,
+            "recovered": d["recovered"].to_numpy(),
+            "reliably_recovered": d["reliably_recovered"].to_numpy(),
+            "case_at_intake": d["case_start"].to_numpy(),
+            "response": d["response"].to_numpy(),
+            "remission": d["remission"].to_numpy(),
+        })
+        sums = per.groupby(band).sum().reindex(range(nb), fill_value=0)
+        out = {name: sums[name].to_numpy(np.int64) for name in per.columns}
+
+        traj = trajectory[d["_pos"].to_numpy()].astype(np.int64)
+        present = traj != MISSING
+        diff = np.where(present, traj - intake[:, None], 0)
+        wide = pd.DataFrame(np.hstack([present.astype(np.int64), diff, diff * diff]))
+        tsum = wide.groupby(band).sum().reindex(range(nb), fill_value=0).to_numpy(np.int64)
+        out["traj_n"] = tsum[:, :k].reshape(-1)
+        out["traj_sum"] = tsum[:, k: 2 * k].reshape(-1)
+        out["traj_sum_sq"] = tsum[:, 2 * k:].reshape(-1)
+
+        hist = (
+            pd.DataFrame({"band": band, "change": change})
+            .groupby(["band", "change"])
+            .size()
+            .unstack(fill_value=0)
+            .reindex(index=range(nb), columns=range(-width, width + 1), fill_value=0)
+        )
+        out["change_hist"] = hist.to_numpy(np.int64).reshape(-1)
+    assert set(CATEGORY_NAMES) <= set(out)
+    return out
+
+
+# --------------------------------------------------------------------------- release
+
+
+@dataclasses.dataclass
+class ReleaseRun:
+    steps: Steps
+    body: bytes
+    exact: dict[str, I64]
+    used: int
+
+
+def release_steps(engine: ReleaseEngine, req: StudyRequest, ep: Episodes) -> ReleaseRun:
+    """``ReleaseEngine.release`` -> ``_release`` -> ``_compute`` on already-derived
+    episodes, step by step (the same calls in the same order, minus intake/derivation)."""
+    steps = Steps()
+    study, pol, site = req.study, engine.policy, engine.site
+    with steps("ledger: open"):
+        led = engine.ledger()
+    try:
+        with steps("plan: policy checks + compile OpenDP measurements"):
+            plan = engine.plan(req)
+        with steps("ledger: cache lookup + reserve"):
+            if led.cached(study.id) is not None:
+                raise RuntimeError("the fresh ledger already has this study")
+            reservation = led.reserve(request_id=plan.request_id, study_id=study.id,
+                                      study_hash=study.hash, rho=plan.cost,
+                                      cap=pol.per_study_rho)
+        with steps("statistics: select_episodes"):
+            sel = select_episodes(ep, study, pol.max_episodes_per_client)
+        with steps("statistics: exact_blocks"):
+            exact = exact_blocks(sel, study)
+        with steps(f"noise: OpenDP, {len(plan.blocks)} blocks, "
+                   f"{sum(b.spec.size for b in plan.blocks)} values"):
+            noisy = tuple(
+                NoisyBlock(name=b.spec.name, family=str(b.spec.family), n_bands=b.spec.n_bands,
+                           width=b.spec.width,
+                           values=tuple(int(v) for v in b.release(exact[b.spec.name])),
+                           lo=b.spec.lo, hi=b.spec.hi, sensitivity=b.d_in, scale=b.scale,
+                           rho=b.rho)
+                for b in plan.blocks
+            )
+        with steps("sign: build release, epsilon, load key, sign"):
+            release = SiteRelease(
+                study_id=study.id, study_hash=study.hash, site_id=site.site_id,
+                created=engine.clock().replace(microsecond=0).isoformat(), blocks=noisy,
+                rho=plan.cost, epsilon=zcdp_to_epsilon(plan.cost, pol.delta),
+                delta=float(pol.delta), unit="client",
+                max_episodes_per_client=pol.max_episodes_per_client, mechanism=MECHANISM,
+                window_applied=sel.window_applied, versions=engine_mod._versions(),
+            )
+            key = crypto.load_or_create_key(pol.state_dir)
+            body = crypto.sign(key, "release", release.canonical_bytes()).dumps().encode()
+        with steps("ledger: complete (cache + audit) + close"):
+            out = led.complete(reservation, study_id=study.id, study_hash=study.hash, body=body)
+            led.close()
+    finally:
+        led.close()
+    return ReleaseRun(steps=steps, body=out, exact=exact, used=int(sel.counts["used"]))
+
+
+STEP_GROUPS = {
+    "compile": ("plan:",),
+    "statistics": ("statistics:",),
+    "noise": ("noise:",),
+    "sign+ledger": ("ledger:", "sign:"),
+}
+
+
+def _groups(steps: Steps) -> dict[str, float]:
+    return {
+        g: sum(t for name, t in steps.times.items() if name.startswith(prefixes))
+        for g, prefixes in STEP_GROUPS.items()
+    }
+
+
+class Fresh:
+    """A fresh, initialised state dir (ledger schema + site key) per release, so nothing
+    is cached or refused and one-time set-up is not timed."""
+
+    def __init__(self, root: Path, site: Any, policy: PrivacyPolicy) -> None:
+        self.root, self.site, self.policy, self.n = root, site, policy, 0
+
+    def engine(self) -> ReleaseEngine:
+        self.n += 1
+        pol = dataclasses.replace(self.policy, state_dir=self.root / f"state-{self.n}")
+        eng = ReleaseEngine(self.site, pol)
+        eng.ledger().close()
+        crypto.load_or_create_key(pol.state_dir)
+        return eng
+
+
+def _check_body(body: bytes, study: Study) -> None:
+    env = parse_envelope(body, "release")
+    if not crypto.verify(env):
+        raise RuntimeError("the release signature does not verify")
+    names = [b["name"] for b in json.loads(env.payload)["blocks"]]
+    if names != [b.name for b in block_layout(study)]:
+        raise RuntimeError(f"the release has blocks {names}")
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    gc.collect()
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _row(cells: list[str], widths: list[int]) -> str:
+    first = cells[0].ljust(widths[0])
+    return " | ".join([first, *(c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))])
+
+
+def _table(header: list[str], rows: list[list[str]], widths: list[int]) -> str:
+    lines = [_row(header, widths), "-+-".join("-" * w for w in widths)]
+    lines += [_row(r, widths) for r in rows]
+    return "\n".join(lines)
+
+
+def compare(engine_exact: dict[str, I64], direct: dict[str, I64], study: Study) -> list[str]:
+    """Blocks where the engine's exact values differ from the independent computation."""
+    bad = []
+    for spec in block_layout(study):
+        a, b = engine_exact.get(spec.name), direct.get(spec.name)
+        if a is None or b is None or a.shape != (spec.size,) or not np.array_equal(a, b):
+            bad.append(spec.name)
+    return bad
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=1_000_000)
+    ap.add_argument("--repeat", type=int, default=1, help="best of R (default 1)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/outcomebench-bench"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", action="store_true",
+                    help="also cProfile one stepwise release and print the top functions")
+    ap.add_argument("--no-end-to-end", action="store_true",
+                    help="skip the end-to-end engine.release() that reads the CSV")
+    args = ap.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    if args.clients < 10 or args.repeat < 1:
+        ap.error("--clients must be >= 10 and --repeat >= 1")
+
+    directory, meta = export_dir(args.workdir, args.clients, args.seed)
+    study = parse_study(STUDY)
+    req = StudyRequest(study)
+    layout = block_layout(study)
+
+    with tempfile.TemporaryDirectory(prefix="outcomebench-release-") as tmp:
+        root = Path(tmp)
+        (root / "privacy.yaml").write_text(POLICY_YAML, encoding="utf-8")
+        policy = load_policy(root / "privacy.yaml")
+        site = load_site_config(directory / "site.yaml")
+        fresh = Fresh(root, site, policy)
+
+        # Set-up, once: the same intake and derivation _compute would do.
+        t_read, intake = _timed(lambda: read_intake(site.data, site.instruments))
+        instruments = {**site.instruments, study.instrument.id: study.instrument}
+        t_derive, episodes = _timed(
+            lambda: derive_episodes(intake.records, instruments, study.max_session))
+        ep = episodes[study.instrument.id]
+
+        exact_runs: list[tuple[Steps, dict[str, I64]]] = []
+        release_runs: list[ReleaseRun] = []
+        stubbed: list[float] = []
+        end_to_end: list[float] = []
+        for _ in range(args.repeat):
+            steps = Steps()
+            gc.collect()
+            direct = exact_direct(ep.table, ep.trajectory, study, MAX_EPISODES, steps)
+            exact_runs.append((steps, direct))
+
+            eng = fresh.engine()
+            gc.collect()
+            run = release_steps(eng, req, ep)
+            _check_body(run.body, study)
+            release_runs.append(run)
+
+            eng = fresh.engine()
+            with (mock.patch.object(engine_mod, "read_intake", lambda *_a, **_k: intake),
+                  mock.patch.object(engine_mod, "derive_episodes", lambda *_a, **_k: episodes)):
+                wall, body = _timed(lambda eng=eng: eng.release(req))
+            _check_body(body, study)
+            stubbed.append(wall)
+
+            if not args.no_end_to_end:
+                eng = fresh.engine()
+                wall, body = _timed(lambda eng=eng: eng.release(req))
+                _check_body(body, study)
+                end_to_end.append(wall)
+
+        ex_steps, direct = min(exact_runs, key=lambda r: r[0].total)
+        rel = min(release_runs, key=lambda r: r.steps.total)
+        bad = compare(rel.exact, direct, study)
+        n_values = sum(b.size for b in layout)
+
+        exact_s, release_s = ex_steps.total, rel.steps.total
+        ratio = release_s / exact_s if exact_s > 0 else float("inf")
+        limit = TARGET_FACTOR * exact_s + TARGET_FIXED_S
+        ok = release_s <= limit
+
+        print()
+        print(f"export: {meta['rows']:,} rows, {meta['clients']:,} clients, generator "
+              f"{meta['generator']}; valid rows {intake.records.n_rows:,}")
+        print(f"study: {INSTRUMENT}, window {study.window[0]}..{study.window[1]}, "
+              f"{len(study.bands)} bands, families {', '.join(map(str, study.families))}, "
+              f"K = {study.max_session}, rho {STUDY['privacy']['rho']}, "
+              f"max {MAX_EPISODES} episode per client: {len(layout)} blocks, "
+              f"{n_values} values")
+        print(f"episodes: {len(ep.table):,} derived, {rel.used:,} used (in the window, "
+              f"latest per client)")
+        print(f"set-up, once (not part of either side): read_intake {t_read:.2f} s, "
+              f"derive_episodes {t_derive:.2f} s")
+        print(f"wall: best of {args.repeat} (time.perf_counter, after imports; each release "
+              "on a fresh, pre-initialised ledger)")
+        print()
+        widths = [58, 8]
+        rows = [[f"exact: {name}", f"{t:.3f}"] for name, t in ex_steps.times.items()]
+        rows.append(["exact total (plain pandas/numpy)", f"{exact_s:.3f}"])
+        rows += [[f"release: {name}", f"{t:.3f}"] for name, t in rel.steps.times.items()]
+        rows.append(["release total (engine steps on derived episodes)", f"{release_s:.3f}"])
+        rows.append(["  = " + ", ".join(f"{g} {t:.3f}" for g, t in _groups(rel.steps).items()),
+                     ""])
+        rows.append(["context: engine.release(), intake+derive stubbed", f"{min(stubbed):.3f}"])
+        if end_to_end:
+            rows.append(["context: engine.release() end to end (reads the CSV)",
+                         f"{min(end_to_end):.3f}"])
+        print(_table(["step", "wall s"], rows, widths))
+        print()
+        print(_table(
+            ["rows", "episodes", "exact s", "release s", "ratio", "release - 2*exact s",
+             "target", "result"],
+            [[f"{meta['rows']:,}", f"{rel.used:,}", f"{exact_s:.3f}", f"{release_s:.3f}",
+              f"{ratio:.2f}x", f"{release_s - TARGET_FACTOR * exact_s:+.3f}",
+              f"<= {limit:.3f}", "PASS" if ok else "FAIL"]],
+            [11, 9, 8, 9, 7, 19, 9, 6],
+        ))
+        print(f"target: release <= {TARGET_FACTOR:g} * exact + {TARGET_FIXED_S:g} s")
+        print("cross-check, engine exact_blocks == independent exact computation: "
+              + (f"OK ({len(layout)} blocks, {n_values} values)" if not bad
+                 else f"MISMATCH in {', '.join(bad)}"))
+        if args.repeat > 1:
+            print("  exact walls: " + ", ".join(f"{s.total:.3f}" for s, _ in exact_runs))
+            print("  release walls: " + ", ".join(f"{r.steps.total:.3f}" for r in release_runs))
+            print("  stubbed engine.release() walls: " + ", ".join(f"{w:.3f}" for w in stubbed))
+            if end_to_end:
+                print("  end-to-end walls: " + ", ".join(f"{w:.3f}" for w in end_to_end))
+
+        if args.profile:
+            eng = fresh.engine()
+            prof = cProfile.Profile()
+            gc.collect()
+            prof.runcall(release_steps, eng, req, ep)
+            buf = io.StringIO()
+            stats = pstats.Stats(prof, stream=buf)
+            stats.sort_stats("cumulative").print_stats(30)
+            stats.sort_stats("tottime").print_stats(20)
+            print("\ncProfile of one stepwise release (on derived episodes):")
+            print(buf.getvalue())
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

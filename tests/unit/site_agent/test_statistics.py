@@ -1,0 +1,106 @@
+"""Contribution bounding: adding or removing one client changes every block by at most
+its declared L2 sensitivity, whatever the client's data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocols import builtin_instruments
+from protocols.layout import block_layout
+from protocols.study import Study, parse_study
+from site_agent.data import Records
+from site_agent.outcomes import derive_episodes
+from site_agent.privacy.statistics import exact_blocks, select_episodes
+
+PHQ = builtin_instruments()["PHQ-9"]
+ALL = ["counts", "change", "categories", "trajectory", "histogram"]
+
+
+def _study(k: int) -> Study:
+    return parse_study({"id": "s", "instrument": "PHQ-9",
+                        "window": {"start": "2026-01-01", "end": "2026-12-31"},
+                        "bands": [[0, 9], [10, 14], [15, 19], [20, 27]], "families": ALL,
+                        "max_session": k, "privacy": {"rho": 0.1}})
+
+
+# A client: a list of episodes; an episode: (first day offset, scores at sessions 1..n)
+_episode = st.tuples(st.integers(0, 700), st.lists(st.integers(0, 27), min_size=1, max_size=8))
+_client = st.lists(_episode, min_size=1, max_size=3)
+
+
+def _records(clients: list[list[tuple[int, list[int]]]]) -> Records:
+    ins, cli, ep, sess, score, date = [], [], [], [], [], []
+    e = 0
+    base = 20454 - 365  # 2025-01-01 in days since the epoch
+    for c, episodes in enumerate(clients):
+        for start, scores in sorted(episodes):
+            for k, s in enumerate(scores, start=1):
+                ins.append(0)
+                cli.append(c)
+                ep.append(e)
+                sess.append(k)
+                score.append(s)
+                date.append(base + start + 7 * k)
+            e += 1
+    n = len(score)
+    return Records(instrument_ids=("PHQ-9",), client_ids=tuple(map(str, range(len(clients)))),
+                   instrument=np.array(ins, np.int16), client=np.array(cli, np.int32),
+                   episode=np.array(ep, np.int64), session=np.array(sess, np.int32),
+                   score=np.array(score, np.int32), date=np.array(date, np.int32),
+                   line=np.arange(n, dtype=np.int64))
+
+
+def _blocks(clients: list[list[tuple[int, list[int]]]], study: Study, m: int
+            ) -> dict[str, np.ndarray]:
+    if not clients:
+        return {b.name: np.zeros(b.size, np.int64) for b in block_layout(study)}
+    ep = derive_episodes(_records(clients), {"PHQ-9": PHQ}, study.max_session).get("PHQ-9")
+    if ep is None:
+        return {b.name: np.zeros(b.size, np.int64) for b in block_layout(study)}
+    return exact_blocks(select_episodes(ep, study, m), study)
+
+
+@settings(max_examples=150, deadline=None)
+@given(others=st.lists(_client, max_size=6), extra=_client, k=st.integers(1, 6),
+       m=st.integers(1, 3))
+def test_one_client_moves_each_block_by_at_most_its_sensitivity(
+        others: list[list[tuple[int, list[int]]]], extra: list[tuple[int, list[int]]], k: int,
+        m: int) -> None:
+    study = _study(k)
+    without = _blocks(others, study, m)
+    with_ = _blocks([*others, extra], study, m)
+    for spec in block_layout(study):
+        diff = (with_[spec.name] - without[spec.name]).astype(float)
+        l2 = math.sqrt(float((diff * diff).sum()))
+        assert l2 <= spec.sensitivity(m) + 1e-9, (spec.name, l2, spec.sensitivity(m))
+
+
+def test_latest_episode_per_client_and_window() -> None:
+    study = _study(3)
+    # client 0: an episode in 2025 (outside the window) and one in 2026; client 1: one score
+    clients = [[(10, [20, 12]), (420, [18, 9])], [(400, [15])]]
+    ep = derive_episodes(_records(clients), {"PHQ-9": PHQ}, 3)["PHQ-9"]
+    sel = select_episodes(ep, study, 1)
+    assert sel.window_applied
+    assert sel.table["intake"].tolist() == [18]
+    assert sel.counts["outside window"] == 1
+    blocks = exact_blocks(sel, study)
+    assert blocks["episodes"].tolist() == [0, 0, 1, 0]
+    assert blocks["sum_change"].tolist() == [0, 0, 9, 0]
+    assert blocks["traj_n"].reshape(4, 3)[2].tolist() == [1, 1, 0]
+    assert blocks["traj_sum"].reshape(4, 3)[2].tolist() == [0, -9, 0]
+    hist = blocks["change_hist"].reshape(4, 55)
+    assert hist[2, 27 + 9] == 1 and hist.sum() == 1
+
+
+def test_max_episodes_keeps_the_latest() -> None:
+    study = _study(2)
+    clients = [[(400, [20, 10]), (500, [15, 14]), (600, [9, 3])]]
+    ep = derive_episodes(_records(clients), {"PHQ-9": PHQ}, 2)["PHQ-9"]
+    assert select_episodes(ep, study, 1).table["intake"].tolist() == [9]
+    assert select_episodes(ep, study, 2).table["intake"].tolist() == [15, 9]
+    assert select_episodes(ep, study, 3).table["intake"].tolist() == [20, 15, 9]
