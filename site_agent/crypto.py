@@ -3,7 +3,9 @@ coordinator's study signatures."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,19 +29,31 @@ KEY_FILE = "site_signing_key.pem"
 
 
 def load_or_create_key(state_dir: Path) -> Ed25519PrivateKey:
-    """The site's signing key, created (owner-only) on first use."""
+    """The site's signing key, created (owner-only) on first use.
+
+    Creation is atomic: the key is written and synced under a private temporary name,
+    then hard-linked into place, which fails if another process got there first. So
+    racing processes agree on one key and a crash never leaves a partial key file.
+    """
     path = state_dir / KEY_FILE
     if not path.exists():
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(
+        pem = Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
+        tmp = state_dir / f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(8)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(pem)
+                fh.flush()
+                os.fsync(fh.fileno())
+            with contextlib.suppress(FileExistsError):  # another process won: use theirs
+                os.link(tmp, path)
+        finally:
+            tmp.unlink()
     loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(loaded, Ed25519PrivateKey):
         raise ValueError(f"{path}: not an Ed25519 private key")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocols.codes import MESSAGES, ErrorCode
 from protocols.errors import SpecError
@@ -284,6 +285,16 @@ class ReleaseEngine:
                     study=study.canonical_bytes(),
                 )
                 raise Refused(ErrorCode.PENDING_APPROVAL, f"request {plan.request_id}")
+        # Everything that could fail without the data is done before budget is reserved.
+        try:
+            key = crypto.load_or_create_key(self.policy.state_dir)
+        except (OSError, ValueError) as exc:
+            raise Refused(
+                ErrorCode.INTERNAL_ERROR,
+                f"the site's signing key in "
+                f"{self.policy.state_dir} cannot be read ({exc.__class__.__name__}); "
+                "restore it from a backup",
+            ) from None
         try:
             reservation = led.reserve(
                 request_id=plan.request_id,
@@ -296,7 +307,7 @@ class ReleaseEngine:
             raise Refused(r.code, r.detail) from None
         # Budget is reserved and durable: from here on the data may be touched.
         try:
-            body = self._compute(plan)
+            body = self._compute(plan, key)
         except Refused:
             raise
         except DataError as exc:
@@ -308,7 +319,7 @@ class ReleaseEngine:
         except LedgerRefusal as r:
             raise Refused(r.code, r.detail) from None
 
-    def _compute(self, plan: Plan) -> bytes:
+    def _compute(self, plan: Plan, key: Ed25519PrivateKey) -> bytes:
         study, pol, site = plan.study, self.policy, self.site
         intake = read_intake(site.data, site.instruments)
         instruments: Mapping[str, Any] = {**site.instruments, study.instrument.id: study.instrument}
@@ -350,5 +361,4 @@ class ReleaseEngine:
             window_applied=window_applied,
             versions=_versions(),
         )
-        key = crypto.load_or_create_key(pol.state_dir)
         return crypto.sign(key, "release", release.canonical_bytes()).dumps().encode()

@@ -10,7 +10,8 @@ block by at most its declared L2 sensitivity.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+import itertools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,17 +54,24 @@ def select_episodes(ep: Episodes, study: Study, max_episodes: int) -> Selection:
     keep &= enough
     idx = np.flatnonzero(keep)
     # The latest m episodes per client, by last date then episode order.
-    sub = t.iloc[idx][["client", "last_date", "episode"]].assign(_row=idx)
-    sub = sub.sort_values(["client", "last_date", "episode"], kind="stable")
-    from_end = sub.groupby("client", sort=False).cumcount(ascending=False).to_numpy()
-    chosen = np.sort(sub["_row"].to_numpy()[from_end < max_episodes])
+    clients = t["client"].to_numpy()[idx]
+    order = np.lexsort((t["episode"].to_numpy()[idx], t["last_date"].to_numpy()[idx], clients))
+    sorted_clients = clients[order]
+    last_of_client = np.append(sorted_clients[1:] != sorted_clients[:-1], order.size > 0)
+    # Position counted back from each client's latest episode: 0, 1, 2, ...
+    last_pos = np.flatnonzero(last_of_client)
+    group_end = np.repeat(last_pos, np.diff(np.r_[-1, last_pos]))
+    from_end = group_end - np.arange(order.size)
+    chosen = np.sort(idx[order[from_end < max_episodes]])
     counts["over the per-client episode limit"] = int(idx.size - chosen.size)
-    table = t.iloc[chosen].reset_index(drop=True)
     lo = np.array([b[0] for b in study.bands])
-    band = np.searchsorted(lo, table["intake"].to_numpy(), side="right") - 1
+    band = np.searchsorted(lo, t["intake"].to_numpy()[chosen], side="right") - 1
+    # Sorted by band, so that every block sums contiguous slices.
+    by_band = np.argsort(band, kind="stable")
+    chosen, band = chosen[by_band], band[by_band]
     counts["used"] = int(chosen.size)
     return Selection(
-        table=table,
+        table=t.iloc[chosen].reset_index(drop=True),
         trajectory=ep.trajectory[chosen],
         band=band.astype(np.int64),
         window_applied=window_applied,
@@ -71,18 +79,13 @@ def select_episodes(ep: Episodes, study: Study, max_episodes: int) -> Selection:
     )
 
 
-def _group_sum(
-    band: npt.NDArray[np.int64], values: npt.NDArray[np.int64], n_bands: int
+def _band_sums(
+    bounds: npt.NDArray[np.int64], values: npt.NDArray[np.integer]
 ) -> npt.NDArray[np.int64]:
-    """Exact integer sums of ``values`` (1-D, or 2-D by row) per band (bincount would go
-    through float64)."""
-    out = np.zeros((n_bands, *values.shape[1:]), dtype=np.int64)
-    if band.size:
-        order = np.argsort(band, kind="stable")
-        b, v = band[order], values[order]
-        starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
-        out[b[starts]] += np.add.reduceat(v, starts, axis=0)
-    return out
+    """Exact int64 sums of ``values`` (1-D, or 2-D by row) over each band's slice."""
+    return np.stack(
+        [values[lo:hi].sum(axis=0, dtype=np.int64) for lo, hi in itertools.pairwise(bounds)]
+    )
 
 
 def exact_blocks(sel: Selection, study: Study) -> dict[str, npt.NDArray[np.int64]]:
@@ -90,57 +93,65 @@ def exact_blocks(sel: Selection, study: Study) -> dict[str, npt.NDArray[np.int64
     layout = block_layout(study)
     t = sel.table
     nb = len(study.bands)
-    band = sel.band
+    # Episodes are sorted by band (select_episodes), so each band is one slice.
+    bounds = np.searchsorted(sel.band, np.arange(nb + 1)).astype(np.int64)
     intake = t["intake"].to_numpy(np.int64)
-    final = t["final"].to_numpy(np.int64)
     change = t["change"].to_numpy(np.int64)
     reliable = t["reliable"].to_numpy()
-    per_episode: dict[str, npt.NDArray[np.int64]] = {
-        "episodes": np.ones(len(t), dtype=np.int64),
-        "sum_intake": intake,
-        "sum_final": final,
-        "sum_change": change,
-        "sum_change_sq": change * change,
-        "sum_intake_sq": intake * intake,
-        "sum_intake_change": intake * change,
-        "reliably_improved": (reliable == Reliable.IMPROVED).astype(np.int64),
-        "reliably_deteriorated": (reliable == Reliable.DETERIORATED).astype(np.int64),
-        "recovered": t["recovered"].to_numpy(np.int64),
-        "reliably_recovered": t["reliably_recovered"].to_numpy(np.int64),
-        "case_at_intake": t["case_start"].to_numpy(np.int64),
-        "response": t["response"].to_numpy(np.int64),
-        "remission": t["remission"].to_numpy(np.int64),
+    per_episode: dict[str, Callable[[], npt.NDArray[np.int64]]] = {
+        "episodes": lambda: np.ones(len(t), dtype=np.int64),
+        "sum_intake": lambda: intake,
+        "sum_final": lambda: t["final"].to_numpy(np.int64),
+        "sum_change": lambda: change,
+        "sum_change_sq": lambda: change * change,
+        "sum_intake_sq": lambda: intake * intake,
+        "sum_intake_change": lambda: intake * change,
+        "reliably_improved": lambda: (reliable == Reliable.IMPROVED).astype(np.int64),
+        "reliably_deteriorated": lambda: (reliable == Reliable.DETERIORATED).astype(np.int64),
+        "recovered": lambda: t["recovered"].to_numpy(np.int64),
+        "reliably_recovered": lambda: t["reliably_recovered"].to_numpy(np.int64),
+        "case_at_intake": lambda: t["case_start"].to_numpy(np.int64),
+        "response": lambda: t["response"].to_numpy(np.int64),
+        "remission": lambda: t["remission"].to_numpy(np.int64),
     }
+    names = {spec.name for spec in layout}
+    traj: dict[str, npt.NDArray[np.int64]] = {}
+    if names & {"traj_n", "traj_sum", "traj_sum_sq"}:
+        traj = _trajectory_sums(sel, layout, bounds, intake)
     out: dict[str, npt.NDArray[np.int64]] = {}
     for spec in layout:
         if spec.name in per_episode:
-            clipped = np.clip(per_episode[spec.name], spec.lo, spec.hi)
-            out[spec.name] = _group_sum(band, clipped, nb)
-        elif spec.name.startswith("traj_"):
-            out[spec.name] = _trajectory(sel, spec, band, intake, nb)
+            clipped = np.clip(per_episode[spec.name](), spec.lo, spec.hi)
+            out[spec.name] = _band_sums(bounds, clipped)
+        elif spec.name in traj:
+            out[spec.name] = traj[spec.name]
         elif spec.name == "change_hist":
             w = (spec.width - 1) // 2
-            cell = band * spec.width + np.clip(change, -w, w) + w
+            cell = sel.band * spec.width + np.clip(change, -w, w) + w
             out[spec.name] = np.bincount(cell, minlength=spec.size).astype(np.int64)
         else:
             raise KeyError(f"no statistic for block {spec.name}")  # a bug: layout drifted
     return out
 
 
-def _trajectory(
+def _trajectory_sums(
     sel: Selection,
-    spec: BlockSpec,
-    band: npt.NDArray[np.int64],
+    layout: tuple[BlockSpec, ...],
+    bounds: npt.NDArray[np.int64],
     intake: npt.NDArray[np.int64],
-    nb: int,
-) -> npt.NDArray[np.int64]:
-    traj = sel.trajectory.astype(np.int64)
-    present = traj != MISSING
-    diff = np.where(present, traj - intake[:, None], 0)
-    if spec.name == "traj_n":
-        per = present.astype(np.int64)
-    elif spec.name == "traj_sum":
-        per = np.clip(diff, spec.lo, spec.hi)
-    else:
-        per = np.clip(diff * diff, spec.lo, spec.hi)
-    return _group_sum(band, per, nb).reshape(-1)
+) -> dict[str, npt.NDArray[np.int64]]:
+    """traj_n, traj_sum and traj_sum_sq from one pass over the session matrix."""
+    spec = {b.name: b for b in layout}
+    present = sel.trajectory != MISSING
+    # int32 is ample: differences are bounded by the range, their squares by its square.
+    diff = np.where(present, sel.trajectory - intake[:, None].astype(np.int32), 0)
+    out: dict[str, npt.NDArray[np.int64]] = {}
+    if "traj_n" in spec:
+        out["traj_n"] = _band_sums(bounds, present).reshape(-1)
+    if "traj_sum" in spec:
+        s = spec["traj_sum"]
+        out["traj_sum"] = _band_sums(bounds, np.clip(diff, s.lo, s.hi)).reshape(-1)
+    if "traj_sum_sq" in spec:
+        s = spec["traj_sum_sq"]
+        out["traj_sum_sq"] = _band_sums(bounds, np.clip(diff * diff, s.lo, s.hi)).reshape(-1)
+    return out
