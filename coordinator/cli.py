@@ -11,6 +11,9 @@ Exit codes (each has help text in :data:`EXIT_CODE_HELP`, shown by ``--help``):
     1  INTERNAL_ERROR  an unexpected error: this is a bug, please report it
     2  USAGE           the command line is wrong (argparse uses 2 as well)
     3  OUTPUT_ERROR    an output file or directory could not be written
+    4  INPUT_ERROR     a study, release or key file is invalid
+    5  QUORUM          fewer valid releases than the study's min_sites: nothing published
+    6  VERIFY_FAILED   a bundle does not match its signed manifest
 """
 
 from __future__ import annotations
@@ -27,8 +30,16 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TextIO
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from coordinator import crypto
+from coordinator.estimates import estimate_all
+from coordinator.pooling import Contribution, Rejection, load_release_file, pool, site_keys
+from coordinator.publish import benchmark_document, verify_bundle, write_bundle
+from coordinator.study import load_study
 from coordinator.synth import DEFAULT_CLIENTS_RANGE, MIN_CLIENTS, SiteFiles, synthesize
 from protocols import SpecError, builtin_instruments
+from protocols.study import Study
 
 __all__ = [
     "COMMANDS",
@@ -50,14 +61,22 @@ class ExitCode(IntEnum):
     INTERNAL_ERROR = 1
     USAGE = 2
     OUTPUT_ERROR = 3
+    INPUT_ERROR = 4
+    QUORUM = 5
+    VERIFY_FAILED = 6
 
 
-EXIT_CODE_HELP: Mapping[ExitCode, str] = MappingProxyType({
-    ExitCode.OK: "the command did what was asked",
-    ExitCode.INTERNAL_ERROR: "an unexpected error: this is a bug, please report it",
-    ExitCode.USAGE: "the command line is wrong; see --help",
-    ExitCode.OUTPUT_ERROR: "an output file or directory could not be written",
-})
+EXIT_CODE_HELP: Mapping[ExitCode, str] = MappingProxyType(
+    {
+        ExitCode.OK: "the command did what was asked",
+        ExitCode.INTERNAL_ERROR: "an unexpected error: this is a bug, please report it",
+        ExitCode.USAGE: "the command line is wrong; see --help",
+        ExitCode.OUTPUT_ERROR: "an output file or directory could not be written",
+        ExitCode.INPUT_ERROR: "a study, release or key file is invalid",
+        ExitCode.QUORUM: "fewer valid releases than the study's min_sites: nothing was published",
+        ExitCode.VERIFY_FAILED: "the bundle does not match its signed manifest",
+    }
+)
 
 
 class CommandError(Exception):
@@ -97,24 +116,55 @@ def _whole_number(least: int) -> Callable[[str], int]:
 
 
 def _synth_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sites", type=_whole_number(1), required=True, metavar="N",
-                        help="number of clinics to write (at least 1)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
-                        help="directory to write DIR/clinic-01/{outcomes.csv,site.yaml}, ...")
-    parser.add_argument("--seed", type=_whole_number(0), default=0, metavar="S",
-                        help="random seed; the same seed writes byte-identical files "
-                             "(default: %(default)s)")
-    parser.add_argument("--messy", action="store_true",
-                        help="inject a few percent of bad rows of every kind real exports have")
-    parser.add_argument("--instrument", default="PHQ-9", choices=sorted(builtin_instruments()),
-                        metavar="ID", help="outcome measure, a registry id (default: %(default)s)")
-    parser.add_argument("--clients-min", type=_whole_number(MIN_CLIENTS), metavar="A",
-                        help=f"smallest clinic, in clients (default: {DEFAULT_CLIENTS_RANGE[0]})")
-    parser.add_argument("--clients-max", type=_whole_number(MIN_CLIENTS), metavar="B",
-                        help=f"largest clinic, in clients (default: {DEFAULT_CLIENTS_RANGE[1]}); "
-                             "sizes are drawn log-uniformly between the two")
-    parser.add_argument("--json", action="store_true",
-                        help="print the sites written as JSON instead of a table")
+    parser.add_argument(
+        "--sites",
+        type=_whole_number(1),
+        required=True,
+        metavar="N",
+        help="number of clinics to write (at least 1)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="directory to write DIR/clinic-01/{outcomes.csv,site.yaml}, ...",
+    )
+    parser.add_argument(
+        "--seed",
+        type=_whole_number(0),
+        default=0,
+        metavar="S",
+        help="random seed; the same seed writes byte-identical files (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--messy",
+        action="store_true",
+        help="inject a few percent of bad rows of every kind real exports have",
+    )
+    parser.add_argument(
+        "--instrument",
+        default="PHQ-9",
+        choices=sorted(builtin_instruments()),
+        metavar="ID",
+        help="outcome measure, a registry id (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--clients-min",
+        type=_whole_number(MIN_CLIENTS),
+        metavar="A",
+        help=f"smallest clinic, in clients (default: {DEFAULT_CLIENTS_RANGE[0]})",
+    )
+    parser.add_argument(
+        "--clients-max",
+        type=_whole_number(MIN_CLIENTS),
+        metavar="B",
+        help=f"largest clinic, in clients (default: {DEFAULT_CLIENTS_RANGE[1]}); "
+        "sizes are drawn log-uniformly between the two",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the sites written as JSON instead of a table"
+    )
 
 
 def _synth_run(args: argparse.Namespace, stdout: TextIO) -> ExitCode:
@@ -123,14 +173,22 @@ def _synth_run(args: argparse.Namespace, stdout: TextIO) -> ExitCode:
         lo = args.clients_min if args.clients_min is not None else DEFAULT_CLIENTS_RANGE[0]
         hi = args.clients_max if args.clients_max is not None else DEFAULT_CLIENTS_RANGE[1]
         if lo > hi:
-            raise CommandError(ExitCode.USAGE,
-                               f"--clients-min {lo} is larger than --clients-max {hi}; "
-                               "swap them or widen the range")
+            raise CommandError(
+                ExitCode.USAGE,
+                f"--clients-min {lo} is larger than --clients-max {hi}; "
+                "swap them or widen the range",
+            )
         clients_range = (lo, hi)
     out: Path = args.out
     try:
-        sites = synthesize(args.sites, out, seed=args.seed, messy=args.messy,
-                           instrument=args.instrument, clients_range=clients_range)
+        sites = synthesize(
+            args.sites,
+            out,
+            seed=args.seed,
+            messy=args.messy,
+            instrument=args.instrument,
+            clients_range=clients_range,
+        )
     except SpecError as exc:
         raise CommandError(ExitCode.USAGE, "; ".join(exc.problems)) from None
     except ValueError as exc:
@@ -172,14 +230,17 @@ def _sites_json(sites: Sequence[SiteFiles], args: argparse.Namespace) -> dict[st
 
 def _sites_table(sites: Sequence[SiteFiles], args: argparse.Namespace) -> str:
     header = ("site", "clients", "rows", "bad rows", "config")
-    body = [(s.site_id, f"{s.n_clients:,}", f"{s.n_rows:,}", f"{s.n_bad_rows:,}",
-             str(s.config_path)) for s in sites]
+    body = [
+        (s.site_id, f"{s.n_clients:,}", f"{s.n_rows:,}", f"{s.n_bad_rows:,}", str(s.config_path))
+        for s in sites
+    ]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     right = (False, True, True, True, False)
 
     def line(row: Sequence[str]) -> str:
-        cells = [c.rjust(w) if r else c.ljust(w)
-                 for c, w, r in zip(row, widths, right, strict=True)]
+        cells = [
+            c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right, strict=True)
+        ]
         return "  ".join(cells).rstrip()
 
     lines = [line(header), *(line(row) for row in body)]
@@ -206,7 +267,252 @@ _SYNTH = Command(
     run=_synth_run,
 )
 
-COMMANDS: tuple[Command, ...] = (_SYNTH,)
+# --- keys, studies, pooling, verification ----------------------------------------------
+
+
+def _keygen_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="directory for NAME.key.pem (owner-only) and NAME.pub.pem",
+    )
+    parser.add_argument("--name", default="network", help="key name (default: %(default)s)")
+
+
+def _keygen_run(args: argparse.Namespace, stdout: TextIO) -> ExitCode:
+    try:
+        private, public = crypto.generate_keypair(args.out, args.name)
+    except FileExistsError:
+        raise CommandError(
+            ExitCode.OUTPUT_ERROR,
+            f"{args.out / args.name}.key.pem exists; refusing to overwrite a key",
+        ) from None
+    except OSError as exc:
+        raise CommandError(ExitCode.OUTPUT_ERROR, f"{args.out}: {exc.strerror}") from None
+    print(
+        f"private key {private} (keep it secret)\npublic key  {public} (give it to sites "
+        "to trust, and to readers to verify bundles)",
+        file=stdout,
+    )
+    return ExitCode.OK
+
+
+def _read_study(path: Path) -> Study:
+    try:
+        return load_study(path)
+    except SpecError as exc:
+        raise CommandError(ExitCode.INPUT_ERROR, str(exc)) from None
+
+
+def _private_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        return crypto.load_private(path)
+    except (OSError, ValueError) as exc:
+        raise CommandError(
+            ExitCode.INPUT_ERROR,
+            f"{path}: cannot load an Ed25519 private key "
+            f"({exc.__class__.__name__}); create one with `{PROG} keygen`",
+        ) from None
+
+
+def _sign_study_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study", type=Path, required=True, help="study.yaml")
+    parser.add_argument(
+        "--signing-key",
+        type=Path,
+        required=True,
+        metavar="KEY",
+        help="the network's private key (NAME.key.pem)",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="where to write the signed study")
+
+
+def _sign_study_run(args: argparse.Namespace, stdout: TextIO) -> ExitCode:
+    study = _read_study(args.study)
+    env = crypto.sign(_private_key(args.signing_key), "study", study.canonical_bytes())
+    _write(args.out, env.dumps())
+    print(f"signed study {study.id} ({study.hash}) written to {args.out}", file=stdout)
+    return ExitCode.OK
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise CommandError(ExitCode.OUTPUT_ERROR, f"{path}: {exc.strerror}") from None
+
+
+def _pool_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study", type=Path, required=True, help="study.yaml or signed study")
+    parser.add_argument(
+        "--releases",
+        type=Path,
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="signed release files from the sites",
+    )
+    parser.add_argument(
+        "--keys",
+        type=Path,
+        required=True,
+        metavar="SITE_KEYS_DIR",
+        help="registered site keys: <site id>.pub.pem",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="BUNDLE_DIR",
+        help="a new directory for the signed bundle",
+    )
+    parser.add_argument(
+        "--signing-key",
+        type=Path,
+        default=None,
+        metavar="KEY",
+        help="the network's publication key (default: SITE_KEYS_DIR/network.key.pem)",
+    )
+    parser.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="pool the valid releases and list the invalid ones in the bundle "
+        "as missing, instead of refusing",
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON summary")
+
+
+def _pool_run(args: argparse.Namespace, stdout: TextIO) -> ExitCode:
+    study = _read_study(args.study)
+    try:
+        keys = site_keys(args.keys)
+    except SpecError as exc:
+        raise CommandError(ExitCode.INPUT_ERROR, str(exc)) from None
+    key = _private_key(args.signing_key or args.keys / "network.key.pem")
+    accepted: list[Contribution] = []
+    rejected: list[Rejection] = []
+    seen: dict[str, Path] = {}
+    for path in args.releases:
+        result = load_release_file(path, study, keys)
+        if isinstance(result, Rejection):
+            rejected.append(result)
+        elif result.site_id in seen:
+            rejected.append(
+                Rejection(
+                    str(path),
+                    f"site {result.site_id} is already counted from {seen[result.site_id]}",
+                )
+            )
+        else:
+            seen[result.site_id] = path
+            accepted.append(result)
+    if rejected and not args.skip_invalid:
+        lines = "\n".join(f"  {r.source}: {r.reason}" for r in rejected)
+        raise CommandError(
+            ExitCode.INPUT_ERROR,
+            f"refused {len(rejected)} release(s):\n{lines}"
+            "\nfix or remove them, or pass --skip-invalid; nothing was published",
+        )
+    if len(accepted) < study.min_sites:
+        raise CommandError(
+            ExitCode.QUORUM,
+            f"{len(accepted)} valid release(s), the study needs "
+            f"min_sites = {study.min_sites}; nothing was published",
+        )
+    pooled = pool(study, accepted)
+    doc = benchmark_document(pooled, estimate_all(pooled), rejected)
+    try:
+        files = write_bundle(args.out, doc, key)
+    except (OSError, FileExistsError) as exc:
+        raise CommandError(ExitCode.OUTPUT_ERROR, str(exc)) from None
+    summary = {
+        "bundle": str(args.out),
+        "study_id": study.id,
+        "study_hash": study.hash,
+        "sites": [c.site_id for c in accepted],
+        "missing": [{"site": r.source, "reason": r.reason} for r in rejected],
+        "files": [f.name for f in files],
+        "report": str(args.out / "report.html"),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2), file=stdout)
+    else:
+        print(
+            f"pooled {len(accepted)} site(s) for {study.id}; bundle {args.out} "
+            f"({len(files)} files, signed); report: {args.out / 'report.html'}",
+            file=stdout,
+        )
+    return ExitCode.OK
+
+
+def _verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
+    parser.add_argument(
+        "--key",
+        type=Path,
+        required=True,
+        metavar="NETWORK_PUB",
+        help="the network's public key (NAME.pub.pem)",
+    )
+
+
+def _verify_run(args: argparse.Namespace, stdout: TextIO) -> ExitCode:
+    try:
+        key = crypto.load_public(args.key)
+    except (OSError, ValueError) as exc:
+        raise CommandError(
+            ExitCode.INPUT_ERROR,
+            f"{args.key}: not an Ed25519 public key ({exc.__class__.__name__})",
+        ) from None
+    problems = verify_bundle(args.bundle, key)
+    if problems:
+        raise CommandError(
+            ExitCode.VERIFY_FAILED,
+            "bundle does NOT verify:\n" + "\n".join(f"  {p}" for p in problems),
+        )
+    print(f"bundle {args.bundle} verifies: every file is exactly as signed", file=stdout)
+    return ExitCode.OK
+
+
+_KEYGEN = Command(
+    name="keygen",
+    help="create an Ed25519 key pair (network publication key)",
+    description="Create NAME.key.pem (owner-only) and NAME.pub.pem: the key "
+    "that signs studies and benchmark bundles.",
+    add_arguments=_keygen_arguments,
+    run=_keygen_run,
+)
+_SIGN_STUDY = Command(
+    name="sign-study",
+    help="sign a study with the network's key",
+    description="Write the study's canonical form signed with the network's "
+    "key; sites that list the public key in trusted_coordinator_keys accept "
+    "only such studies.",
+    add_arguments=_sign_study_arguments,
+    run=_sign_study_run,
+)
+_POOL = Command(
+    name="pool",
+    help="pool signed site releases into a signed benchmark bundle",
+    description="Verify each release against its site's registered key and the "
+    "study hash, pool them (no privacy cost), derive the benchmarks with 95% "
+    "intervals that include the DP noise, and write benchmark.json, CSVs, "
+    "report.html and a signed MANIFEST.json into BUNDLE_DIR.",
+    add_arguments=_pool_arguments,
+    run=_pool_run,
+)
+_VERIFY = Command(
+    name="verify",
+    help="verify a benchmark bundle against the network key",
+    description="Check MANIFEST.json's signature and that every file is exactly "
+    "as signed: fails on any changed, added or missing file.",
+    add_arguments=_verify_arguments,
+    run=_verify_run,
+)
+
+COMMANDS: tuple[Command, ...] = (_SYNTH, _KEYGEN, _SIGN_STUDY, _POOL, _VERIFY)
 
 
 # --- entry point -----------------------------------------------------------------------
@@ -258,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code)
     except Exception as exc:
         traceback.print_exc(file=sys.stderr)
-        print(f"{PROG} {command.name}: internal error ({exc.__class__.__name__}); this is a "
-              "bug, please report it with the traceback above", file=sys.stderr)
+        print(
+            f"{PROG} {command.name}: internal error ({exc.__class__.__name__}); this is a "
+            "bug, please report it with the traceback above",
+            file=sys.stderr,
+        )
         return int(ExitCode.INTERNAL_ERROR)

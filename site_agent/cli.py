@@ -12,12 +12,14 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from protocols.errors import SpecError
 from site_agent import crypto
 from site_agent.config import SiteConfig, load_site_config
 from site_agent.data import Intake, read_intake
 from site_agent.errors import EXIT_HELP, ConfigError, DataError, ExitCode, refusal_exit
 from site_agent.outcomes import derive_episodes
 from site_agent.privacy import Refused, ReleaseEngine, load_policy, load_study_request
+from site_agent.report import compare, load_benchmark, write_comparison
 from site_agent.summary import LOCAL_ONLY, summarize
 
 __all__ = ["main"]
@@ -338,6 +340,22 @@ def _audit(args: argparse.Namespace) -> int:
 
     _emit(args, doc, text)
     return ExitCode.AUDIT if problems else ExitCode.OK
+
+
+def _compare(args: argparse.Namespace) -> int:
+    cfg = load_site_config(args.config)
+    keys: list[Path] = list(args.key or [])
+    if not keys and cfg.privacy_policy is not None:
+        keys = list(load_policy(cfg.privacy_policy).trusted_keys)
+    try:
+        doc = load_benchmark(args.benchmark, keys)
+        comp = compare(cfg, doc)
+    except SpecError as exc:
+        print(str(exc), file=sys.stderr)
+        return ExitCode.DATA
+    files = write_comparison(args.out, comp, doc)
+    print(f"{LOCAL_ONLY}\nbundle verified; comparison written: " + ", ".join(str(f) for f in files))
+    return ExitCode.OK
 
 
 def _pubkey(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ __all__ = [
     "public_pem",
     "raw_public",
     "sign",
+    "signed_by",
     "trusted",
     "verify",
 ]
@@ -86,6 +87,11 @@ def verify(env: Envelope) -> bool:
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+def signed_by(env: Envelope, key_file: Path) -> bool:
+    """Signed by the Ed25519 public key in ``key_file`` (PEM), and the signature holds."""
+    return trusted(env, [key_file])
 
 
 def trusted(env: Envelope, key_files: Iterable[Path]) -> bool:

@@ -1,0 +1,132 @@
+"""Pooling site releases: verify, check, sum. Pooling is post-processing: it costs no
+privacy budget.
+
+Each release must be signed by its site's registered key, answer exactly this study (its
+hash), carry exactly the study's block layout, and come from a site not counted yet.
+Summed blocks keep the noise variance of each value (the sum of the sites' scale^2), so
+every estimate can carry the DP noise in its interval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from coordinator import crypto
+from protocols.errors import SpecError
+from protocols.layout import BlockSpec, block_layout
+from protocols.release import SiteRelease, parse_envelope
+from protocols.study import Study
+
+__all__ = [
+    "Contribution",
+    "Pooled",
+    "PooledBlock",
+    "Rejection",
+    "check_release",
+    "load_release_file",
+    "pool",
+    "site_keys",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Contribution:
+    site_id: str
+    release: SiteRelease
+    sha256: str  # of the signed file's canonical payload
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    source: str  # a file or a site id
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PooledBlock:
+    spec: BlockSpec
+    values: npt.NDArray[np.float64]  # (n_bands, width) summed noisy values
+    noise_var: npt.NDArray[np.float64]  # (n_bands, width) variance of the summed noise
+
+
+@dataclass(frozen=True, slots=True)
+class Pooled:
+    study: Study
+    contributions: tuple[Contribution, ...]
+    blocks: Mapping[str, PooledBlock]
+
+    @property
+    def site_ids(self) -> tuple[str, ...]:
+        return tuple(c.site_id for c in self.contributions)
+
+
+def site_keys(directory: Path) -> dict[str, Path]:
+    """Registered site keys: ``<site id>.pub.pem`` files in ``directory``."""
+    if not directory.is_dir():
+        raise SpecError(str(directory), [f"{directory}: no such directory of site keys"])
+    return {p.name.removesuffix(".pub.pem"): p for p in sorted(directory.glob("*.pub.pem"))}
+
+
+def check_release(study: Study, payload: bytes) -> SiteRelease:
+    """Parse a release payload and check it answers ``study`` with its exact layout."""
+    release = SiteRelease.from_json(json.loads(payload))
+    if release.study_hash != study.hash or release.study_id != study.id:
+        raise SpecError("release", [f"release answers study {release.study_id!r} "
+                                    f"({release.study_hash[:12]}), not {study.id!r} "
+                                    f"({study.hash[:12]})"])
+    expected = [(b.name, b.size, b.lo, b.hi) for b in block_layout(study)]
+    got = [(b.name, b.n_bands * b.width, b.lo, b.hi) for b in release.blocks]
+    if got != expected:
+        raise SpecError("release", ["release blocks do not match the study's layout"])
+    for b in release.blocks:
+        if not (b.scale > 0 and np.isfinite(b.scale)) or b.rho <= 0:
+            raise SpecError("release", [f"block {b.name}: no valid noise scale"])
+    return release
+
+
+def load_release_file(path: Path, study: Study, keys: Mapping[str, Path]
+                      ) -> Contribution | Rejection:
+    """A verified contribution, or the reason the file is rejected."""
+    try:
+        env = parse_envelope(path.read_bytes(), "release")
+        site_id = str(json.loads(env.payload).get("site_id", ""))
+        if site_id not in keys:
+            return Rejection(str(path), f"site {site_id!r} is not registered (no "
+                                        f"{site_id}.pub.pem in the keys directory)")
+        if not crypto.verify_with(env, crypto.load_public(keys[site_id])):
+            return Rejection(str(path), f"signature is not {site_id}'s registered key")
+        release = check_release(study, env.payload)
+    except (OSError, ValueError, AttributeError) as exc:
+        reason = "; ".join(exc.problems) if isinstance(exc, SpecError) else \
+            f"unreadable or malformed ({exc.__class__.__name__})"
+        return Rejection(str(path), reason)
+    return Contribution(site_id=site_id, release=release,
+                        sha256=hashlib.sha256(env.payload).hexdigest())
+
+
+def pool(study: Study, contributions: Iterable[Contribution]) -> Pooled:
+    """Sum the contributions' blocks. Raises SpecError if a site is counted twice."""
+    contributions = tuple(contributions)
+    seen: set[str] = set()
+    for c in contributions:
+        if c.site_id in seen:
+            raise SpecError("pool", [f"site {c.site_id} contributes more than one release"])
+        seen.add(c.site_id)
+    blocks: dict[str, PooledBlock] = {}
+    for spec in block_layout(study):
+        values = np.zeros((spec.n_bands, spec.width))
+        var = np.zeros((spec.n_bands, spec.width))
+        for c in contributions:
+            [b] = [b for b in c.release.blocks if b.name == spec.name]
+            values += np.asarray(b.values, dtype=np.float64).reshape(spec.n_bands, spec.width)
+            # A discrete Gaussian's variance is at most scale^2: the interval stays honest.
+            var += b.scale ** 2
+        blocks[spec.name] = PooledBlock(spec=spec, values=values, noise_var=var)
+    return Pooled(study=study, contributions=contributions, blocks=blocks)
