@@ -228,7 +228,10 @@ def _release(args: argparse.Namespace) -> int:
     except Refused as r:
         return _refused(args, r)
     try:
-        args.out.write_bytes(body)
+        # Written under a temporary name and renamed, so a crash never leaves half a file.
+        tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(body)
+        tmp.replace(args.out)
     except OSError as exc:
         print(
             f"{args.out}: cannot write ({exc.strerror}); the release is cached in the "

@@ -165,22 +165,14 @@ class Ledger:
         self, *, request_id: str, study_id: str, study_hash: str, rho: Fraction, cap: Fraction
     ) -> Reservation:
         """Check the cap and the period budget and reserve ``rho``, atomically."""
+        if rho <= 0:
+            raise ValueError(f"a reservation must be positive, got {rho}")
         if rho > cap:
             raise LedgerRefusal(ErrorCode.OVER_STUDY_CAP, f"rho {rho} > per-study cap {cap}")
         with self._tx():
             n, _, _ = self._period()
             spent = self._spent(n)
             if spent + rho > self.budget:
-                self._append(
-                    "refused",
-                    {
-                        "request_id": request_id,
-                        "study_id": study_id,
-                        "code": str(ErrorCode.BUDGET_EXHAUSTED),
-                        "rho": str(rho),
-                        "spent": str(spent),
-                    },
-                )
                 raise LedgerRefusal(
                     ErrorCode.BUDGET_EXHAUSTED, f"spent {spent} + {rho} > budget {self.budget}"
                 )
@@ -323,14 +315,7 @@ class Ledger:
     def audit_entries(self) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT seq, ts, kind, body, prev, hash FROM audit ORDER BY seq")
         return [
-            {
-                "seq": r[0],
-                "ts": r[1],
-                "kind": r[2],
-                "body": json.loads(r[3]),
-                "prev": r[4],
-                "hash": r[5],
-            }
+            {"seq": r[0], "ts": r[1], "kind": r[2], "body": _body(r[3]), "prev": r[4], "hash": r[5]}
             for r in rows
         ]
 
@@ -360,13 +345,40 @@ class Ledger:
                 f"the log ends at entry {len(rows)} but the recorded head is entry "
                 f"{head_seq} (entries were removed from the end)"
             )
+        bodies: dict[str, list[dict[str, Any]]] = {}
+        for _rowid, seq, _ts, kind, body, _prev, _hash in rows:
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                problems.append(f"entry {seq}: body is not a JSON object (edited)")
+                continue
+            bodies.setdefault(kind, []).append(parsed)
+        # Every spend must match its audited reservation, so a deleted or lowered spend
+        # (a silent refund) is caught, and every cached release must have been audited.
+        reserved = {b.get("spend_id"): b for b in bodies.get("reserved", [])}
+        spends = {r[0]: r for r in self.db.execute("SELECT id, rho, study_hash FROM spends")}
+        for spend_id, entry in sorted(reserved.items(), key=lambda kv: str(kv[0])):
+            row = spends.get(spend_id)
+            if row is None:
+                problems.append(f"spend {spend_id} was audited but is missing from the ledger")
+            elif row[1] != entry.get("rho") or row[2] != entry.get("study_hash"):
+                problems.append(f"spend {spend_id} differs from its audited reservation")
+        for spend_id in sorted(set(spends) - set(reserved)):
+            problems.append(f"spend {spend_id} has no audited reservation")
         released = {r[0] for r in self.db.execute("SELECT spend_id FROM releases")}
-        audited = {
-            e["body"].get("spend_id") for e in self.audit_entries() if e["kind"] == "released"
-        }
+        audited = {b.get("spend_id") for b in bodies.get("released", [])}
         for spend_id in sorted(released - audited):
             problems.append(f"release of spend {spend_id} has no audit entry")
         return problems
+
+
+def _body(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {"unparseable": text}
 
 
 def _entry_hash(prev: str, seq: int, ts: str, kind: str, body: str) -> str:
