@@ -13,8 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from protocols.release import Envelope
 
-__all__ = ["generate_keypair", "load_private", "load_public", "raw_public", "sign",
-           "verify_with"]
+__all__ = ["generate_keypair", "load_private", "load_public", "raw_public", "sign", "verify_with"]
 
 
 def generate_keypair(directory: Path, name: str) -> tuple[Path, Path]:
@@ -25,11 +24,18 @@ def generate_keypair(directory: Path, name: str) -> tuple[Path, Path]:
     fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-        public.write_bytes(key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+            fh.write(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+        public.write_bytes(
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
     except BaseException:
         with contextlib.suppress(OSError):
             private.unlink()
@@ -56,8 +62,12 @@ def raw_public(key: Ed25519PublicKey) -> bytes:
 
 
 def sign(key: Ed25519PrivateKey, kind: str, payload: bytes) -> Envelope:
-    return Envelope(kind=kind, payload=payload, public_key=raw_public(key.public_key()),
-                    signature=key.sign(payload))
+    return Envelope(
+        kind=kind,
+        payload=payload,
+        public_key=raw_public(key.public_key()),
+        signature=key.sign(payload),
+    )
 
 
 def verify_with(env: Envelope, key: Ed25519PublicKey) -> bool:

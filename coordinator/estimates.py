@@ -55,8 +55,9 @@ class Estimate:
     def ci(self) -> tuple[float, float] | None:
         if self.value is None or not math.isfinite(self.se):
             return None
+        b0, b1 = self.bounds
         lo, hi = self.value - Z95 * self.se, self.value + Z95 * self.se
-        return max(lo, self.bounds[0]), min(hi, self.bounds[1])
+        return min(max(lo, b0), b1), max(min(hi, b1), b0)
 
     def as_json(self) -> dict[str, Any]:
         ci = self.ci
@@ -97,13 +98,19 @@ def _denominator_problem(n: float, var: float, what: str = "episodes") -> str | 
     if n < MIN_EPISODES:
         return f"fewer than {MIN_EPISODES} {what} (noisy count {n:.0f})"
     if math.sqrt(var) > MAX_DENOMINATOR_NOISE * n:
-        return (f"the DP noise on the number of {what} (SD {math.sqrt(var):.0f}) is more than "
-                f"{MAX_DENOMINATOR_NOISE:.0%} of it ({n:.0f})")
+        return (
+            f"the DP noise on the number of {what} (SD {math.sqrt(var):.0f}) is more than "
+            f"{MAX_DENOMINATOR_NOISE:.0%} of it ({n:.0f})"
+        )
     return None
 
 
-def mean(total: tuple[float, float], squares: tuple[float, float], n: tuple[float, float],
-         sign: float = 1.0) -> Estimate:
+def mean(
+    total: tuple[float, float],
+    squares: tuple[float, float],
+    n: tuple[float, float],
+    sign: float = 1.0,
+) -> Estimate:
     problem = _denominator_problem(*n)
     if problem:
         return suppressed(problem)
@@ -116,8 +123,9 @@ def mean(total: tuple[float, float], squares: tuple[float, float], n: tuple[floa
     return Estimate(f({"s": total[0], "n": n[0]}), math.sqrt(var / n[0]), _noise_se(f, stats))
 
 
-def sd(total: tuple[float, float], squares: tuple[float, float], n: tuple[float, float]
-       ) -> Estimate:
+def sd(
+    total: tuple[float, float], squares: tuple[float, float], n: tuple[float, float]
+) -> Estimate:
     problem = _denominator_problem(*n)
     if problem:
         return suppressed(problem)
@@ -129,8 +137,9 @@ def sd(total: tuple[float, float], squares: tuple[float, float], n: tuple[float,
     value = f({"s": total[0], "q": squares[0], "n": n[0]})
     if value <= 0:
         return suppressed("the noisy sums give no positive spread")
-    return Estimate(value, value / math.sqrt(2 * (n[0] - 1)), _noise_se(f, stats),
-                    bounds=(0.0, math.inf))
+    return Estimate(
+        value, value / math.sqrt(2 * (n[0] - 1)), _noise_se(f, stats), bounds=(0.0, math.inf)
+    )
 
 
 def rate(k: tuple[float, float], n: tuple[float, float], what: str = "episodes") -> Estimate:
@@ -142,8 +151,9 @@ def rate(k: tuple[float, float], n: tuple[float, float], what: str = "episodes")
     def f(x: Mapping[str, float]) -> float:
         return x["k"] / x["n"]
 
-    return Estimate(p, math.sqrt(p * (1 - p) / n[0]), _noise_se(f, {"k": k, "n": n}),
-                    bounds=(0.0, 1.0))
+    return Estimate(
+        p, math.sqrt(p * (1 - p) / n[0]), _noise_se(f, {"k": k, "n": n}), bounds=(0.0, 1.0)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,14 +180,18 @@ def estimate_all(p: Pooled) -> Tables:
     study = p.study
     has = set(p.blocks)
     sign = 1.0 if study.instrument.better is Better.HIGHER else -1.0  # improvement = sign*diff
-    ref = (sd(_total(p, "sum_intake"), _total(p, "sum_intake_sq"), _total(p, "episodes"))
-           if "sum_intake" in has else suppressed("the study has no change family"))
+    ref = (
+        sd(_total(p, "sum_intake"), _total(p, "sum_intake_sq"), _total(p, "episodes"))
+        if "sum_intake" in has
+        else suppressed("the study has no change family")
+    )
     bands: list[dict[str, Any]] = []
     for i, (lo, hi) in enumerate(study.bands):
         est: dict[str, Estimate] = {}
         if "episodes" in has:
             n, vn = _cell(p, "episodes", i)
-            est["episodes"] = Estimate(n, 0.0, math.sqrt(vn), bounds=(0.0, math.inf))
+            # A noisy count may dip below zero; clipping is post-processing.
+            est["episodes"] = Estimate(max(n, 0.0), 0.0, math.sqrt(vn), bounds=(0.0, math.inf))
         if "sum_change" in has:
             n_ = _cell(p, "episodes", i)
             est["mean_intake"] = mean(_cell(p, "sum_intake", i), _cell(p, "sum_intake_sq", i), n_)
@@ -190,8 +204,9 @@ def estimate_all(p: Pooled) -> Tables:
             for name, label in RATES:
                 est[label] = rate(_cell(p, name, i), n_)
             est["recovery_rate"] = rate(_cell(p, "recovered", i), c_, "episodes at caseness")
-            est["reliable_recovery_rate"] = rate(_cell(p, "reliably_recovered", i), c_,
-                                                 "episodes at caseness")
+            est["reliable_recovery_rate"] = rate(
+                _cell(p, "reliably_recovered", i), c_, "episodes at caseness"
+            )
         bands.append({"band": f"{lo}-{hi}", "lo": lo, "hi": hi, "estimates": est})
     return Tables(
         bands=bands,
@@ -203,24 +218,32 @@ def estimate_all(p: Pooled) -> Tables:
     )
 
 
-RATES = (("reliably_improved", "reliable_improvement_rate"),
-         ("reliably_deteriorated", "reliable_deterioration_rate"),
-         ("case_at_intake", "case_at_intake_rate"),
-         ("response", "response_rate"), ("remission", "remission_rate"))
+RATES = (
+    ("reliably_improved", "reliable_improvement_rate"),
+    ("reliably_deteriorated", "reliable_deterioration_rate"),
+    ("case_at_intake", "case_at_intake_rate"),
+    ("response", "response_rate"),
+    ("remission", "remission_rate"),
+)
 
 
 def _effect_size(p: Pooled, band: int, ref: Estimate) -> Estimate:
     """Mean change in the band / SD of intake over all bands (one reference SD for every
     band, so that bands compare; a within-band SD would inflate narrow bands)."""
-    m = mean(_cell(p, "sum_change", band), _cell(p, "sum_change_sq", band),
-             _cell(p, "episodes", band))
+    m = mean(
+        _cell(p, "sum_change", band), _cell(p, "sum_change_sq", band), _cell(p, "episodes", band)
+    )
     if m.value is None:
         return m
     if ref.value is None:
         return suppressed(f"no reference SD: {ref.suppressed}")
-    stats = {"s": _cell(p, "sum_change", band), "n": _cell(p, "episodes", band),
-             "S": _total(p, "sum_intake"), "Q": _total(p, "sum_intake_sq"),
-             "N": _total(p, "episodes")}
+    stats = {
+        "s": _cell(p, "sum_change", band),
+        "n": _cell(p, "episodes", band),
+        "S": _total(p, "sum_intake"),
+        "Q": _total(p, "sum_intake_sq"),
+        "N": _total(p, "episodes"),
+    }
 
     def f(x: Mapping[str, float]) -> float:
         ref_sd = math.sqrt(max((x["Q"] - x["S"] ** 2 / x["N"]) / (x["N"] - 1), 1e-12))
@@ -252,13 +275,14 @@ def _quantiles(p: Pooled) -> list[dict[str, Any]]:
                 est = suppressed(problem)
             else:
                 j = int(np.searchsorted(cum, q * total))
-                below, above = float(var[: j + 1].sum()), float(var[j + 1:].sum())
+                below, above = float(var[: j + 1].sum()), float(var[j + 1 :].sum())
                 f_var = q * (1 - q) / total + ((1 - q) ** 2 * below + q * q * above) / total**2
                 half = Z95 * math.sqrt(f_var)
                 lo_q, hi_q = at(max(q - half, 0.0)), at(min(q + half, 1.0))
                 est = Estimate(at(q), (hi_q - lo_q) / (2 * Z95), 0.0)
-                rows.append({"band": f"{lo}-{hi}", "quantile": q, **est.as_json(),
-                             "ci95": [lo_q, hi_q]})
+                rows.append(
+                    {"band": f"{lo}-{hi}", "quantile": q, **est.as_json(), "ci95": [lo_q, hi_q]}
+                )
                 continue
             rows.append({"band": f"{lo}-{hi}", "quantile": q, **est.as_json()})
     return rows
@@ -278,8 +302,15 @@ def _trajectory(p: Pooled, sign: float) -> list[dict[str, Any]]:
             tol = None
             if m.value is not None and spread.value is not None:
                 tol = [_round(m.value - Z95 * spread.value), _round(m.value + Z95 * spread.value)]
-            rows.append({"band": f"{lo}-{hi}", "session": k + 1, "clients": _round(n_[0]),
-                         "mean_change": m.as_json(), "tolerance95": tol})
+            rows.append(
+                {
+                    "band": f"{lo}-{hi}",
+                    "session": k + 1,
+                    "clients": _round(n_[0]),
+                    "mean_change": m.as_json(),
+                    "tolerance95": tol,
+                }
+            )
     return rows
 
 
@@ -292,8 +323,12 @@ def _trajectory_fit(p: Pooled, sign: float) -> list[dict[str, Any]]:
     for i, (lo, hi) in enumerate(p.study.bands):
         xs, ys, ws = [], [], []
         for k in range(p.study.max_session):
-            m = mean(_cell(p, "traj_sum", i, k), _cell(p, "traj_sum_sq", i, k),
-                     _cell(p, "traj_n", i, k), sign)
+            m = mean(
+                _cell(p, "traj_sum", i, k),
+                _cell(p, "traj_sum_sq", i, k),
+                _cell(p, "traj_n", i, k),
+                sign,
+            )
             if m.value is not None and m.se > 0:
                 xs.append(math.log(k + 1))
                 ys.append(m.value)
@@ -301,24 +336,40 @@ def _trajectory_fit(p: Pooled, sign: float) -> list[dict[str, Any]]:
         band = f"{lo}-{hi}"
         if len(xs) < 3:
             reason = "fewer than 3 sessions with enough clients"
-            rows.append({"band": band, "sessions_used": len(xs),
-                         "a": suppressed(reason).as_json(), "b": suppressed(reason).as_json()})
+            rows.append(
+                {
+                    "band": band,
+                    "sessions_used": len(xs),
+                    "a": suppressed(reason).as_json(),
+                    "b": suppressed(reason).as_json(),
+                }
+            )
             continue
         x, y, wt = np.array(xs), np.array(ys), np.array(ws)
         design = np.column_stack([np.ones_like(x), x])
         cov = np.linalg.inv(design.T @ (design * wt[:, None]))
         beta = cov @ (design.T @ (wt * y))
-        rows.append({"band": band, "sessions_used": len(xs),
-                     "a": Estimate(float(beta[0]), math.sqrt(cov[0, 0]), 0.0).as_json(),
-                     "b": Estimate(float(beta[1]), math.sqrt(cov[1, 1]), 0.0).as_json()})
+        rows.append(
+            {
+                "band": band,
+                "sessions_used": len(xs),
+                "a": Estimate(float(beta[0]), math.sqrt(cov[0, 0]), 0.0).as_json(),
+                "b": Estimate(float(beta[1]), math.sqrt(cov[1, 1]), 0.0).as_json(),
+            }
+        )
     return rows
 
 
 def _regression(p: Pooled) -> dict[str, Any]:
     """Change on intake over all bands: expected change = intercept + slope * intake."""
-    stats = {"n": _total(p, "episodes"), "x": _total(p, "sum_intake"),
-             "y": _total(p, "sum_change"), "xx": _total(p, "sum_intake_sq"),
-             "xy": _total(p, "sum_intake_change"), "yy": _total(p, "sum_change_sq")}
+    stats = {
+        "n": _total(p, "episodes"),
+        "x": _total(p, "sum_intake"),
+        "y": _total(p, "sum_change"),
+        "xx": _total(p, "sum_intake_sq"),
+        "xy": _total(p, "sum_intake_change"),
+        "yy": _total(p, "sum_change_sq"),
+    }
     n = stats["n"][0]
     problem = _denominator_problem(*stats["n"])
     if problem:
@@ -334,12 +385,18 @@ def _regression(p: Pooled) -> dict[str, Any]:
         return intercept, slope, resid
 
     x0 = {k: v for k, (v, _) in stats.items()}
+    if x0["xx"] - x0["x"] ** 2 / n <= 0 or n <= 2:
+        reason = "the noisy sums show no spread in intake"
+        return {k: suppressed(reason).as_json() for k in ("intercept", "slope", "residual_sd")}
     values = parts(x0)
     resid = values[2]
     sxx = x0["xx"] - x0["x"] ** 2 / n
     mean_x = x0["x"] / n
-    sampling = (resid * math.sqrt(1 / n + mean_x**2 / sxx), resid / math.sqrt(sxx),
-                resid / math.sqrt(2 * (n - 2)))
+    sampling = (
+        resid * math.sqrt(1 / n + mean_x**2 / sxx),
+        resid / math.sqrt(sxx),
+        resid / math.sqrt(2 * (n - 2)),
+    )
     out: dict[str, Any] = {"episodes": _round(n), "mean_intake": _round(mean_x)}
     for j, name in enumerate(("intercept", "slope", "residual_sd")):
 

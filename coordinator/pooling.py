@@ -78,9 +78,14 @@ def check_release(study: Study, payload: bytes) -> SiteRelease:
     """Parse a release payload and check it answers ``study`` with its exact layout."""
     release = SiteRelease.from_json(json.loads(payload))
     if release.study_hash != study.hash or release.study_id != study.id:
-        raise SpecError("release", [f"release answers study {release.study_id!r} "
-                                    f"({release.study_hash[:12]}), not {study.id!r} "
-                                    f"({study.hash[:12]})"])
+        raise SpecError(
+            "release",
+            [
+                f"release answers study {release.study_id!r} "
+                f"({release.study_hash[:12]}), not {study.id!r} "
+                f"({study.hash[:12]})"
+            ],
+        )
     expected = [(b.name, b.size, b.lo, b.hi) for b in block_layout(study)]
     got = [(b.name, b.n_bands * b.width, b.lo, b.hi) for b in release.blocks]
     if got != expected:
@@ -91,24 +96,31 @@ def check_release(study: Study, payload: bytes) -> SiteRelease:
     return release
 
 
-def load_release_file(path: Path, study: Study, keys: Mapping[str, Path]
-                      ) -> Contribution | Rejection:
+def load_release_file(
+    path: Path, study: Study, keys: Mapping[str, Path]
+) -> Contribution | Rejection:
     """A verified contribution, or the reason the file is rejected."""
     try:
         env = parse_envelope(path.read_bytes(), "release")
         site_id = str(json.loads(env.payload).get("site_id", ""))
         if site_id not in keys:
-            return Rejection(str(path), f"site {site_id!r} is not registered (no "
-                                        f"{site_id}.pub.pem in the keys directory)")
+            return Rejection(
+                str(path),
+                f"site {site_id!r} is not registered (no {site_id}.pub.pem in the keys directory)",
+            )
         if not crypto.verify_with(env, crypto.load_public(keys[site_id])):
             return Rejection(str(path), f"signature is not {site_id}'s registered key")
         release = check_release(study, env.payload)
     except (OSError, ValueError, AttributeError) as exc:
-        reason = "; ".join(exc.problems) if isinstance(exc, SpecError) else \
-            f"unreadable or malformed ({exc.__class__.__name__})"
+        reason = (
+            "; ".join(exc.problems)
+            if isinstance(exc, SpecError)
+            else f"unreadable or malformed ({exc.__class__.__name__})"
+        )
         return Rejection(str(path), reason)
-    return Contribution(site_id=site_id, release=release,
-                        sha256=hashlib.sha256(env.payload).hexdigest())
+    return Contribution(
+        site_id=site_id, release=release, sha256=hashlib.sha256(env.payload).hexdigest()
+    )
 
 
 def pool(study: Study, contributions: Iterable[Contribution]) -> Pooled:
@@ -127,6 +139,6 @@ def pool(study: Study, contributions: Iterable[Contribution]) -> Pooled:
             [b] = [b for b in c.release.blocks if b.name == spec.name]
             values += np.asarray(b.values, dtype=np.float64).reshape(spec.n_bands, spec.width)
             # A discrete Gaussian's variance is at most scale^2: the interval stays honest.
-            var += b.scale ** 2
+            var += b.scale**2
         blocks[spec.name] = PooledBlock(spec=spec, values=values, noise_var=var)
     return Pooled(study=study, contributions=contributions, blocks=blocks)

@@ -31,12 +31,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from coordinator import crypto
 from coordinator.estimates import MAX_DENOMINATOR_NOISE, MIN_EPISODES, Tables
 from coordinator.pooling import Pooled, Rejection
+from coordinator.report import render_report
 from protocols.bundle import MANIFEST, check_files, read_manifest
 from protocols.errors import SpecError
 from protocols.release import canonical_json
 
-__all__ = ["BENCHMARK_FORMAT", "MANIFEST", "benchmark_document", "verify_bundle",
-           "write_bundle"]
+__all__ = ["BENCHMARK_FORMAT", "MANIFEST", "benchmark_document", "verify_bundle", "write_bundle"]
 
 BENCHMARK_FORMAT = "outcomebench.benchmark"
 
@@ -64,8 +64,9 @@ def _estimates(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v.as_json() if hasattr(v, "as_json") else v) for k, v in d.items()}
 
 
-def benchmark_document(pooled: Pooled, tables: Tables, missing: Sequence[Rejection],
-                       created: dt.datetime | None = None) -> dict[str, Any]:
+def benchmark_document(
+    pooled: Pooled, tables: Tables, missing: Sequence[Rejection], created: dt.datetime | None = None
+) -> dict[str, Any]:
     study = pooled.study
     contributions = pooled.contributions
     eps = [c.release.epsilon for c in contributions]
@@ -76,17 +77,26 @@ def benchmark_document(pooled: Pooled, tables: Tables, missing: Sequence[Rejecti
         "created": (created or dt.datetime.now(dt.UTC)).replace(microsecond=0).isoformat(),
         "study": study.canonical(),
         "study_hash": study.hash,
-        "instrument": {"id": ins.id, "name": ins.name, "range": [ins.lo, ins.hi],
-                       "better": str(ins.better), "cutoff": ins.cutoff,
-                       "reliable_change": ins.reliable_change},
+        "instrument": {
+            "id": ins.id,
+            "name": ins.name,
+            "range": [ins.lo, ins.hi],
+            "better": str(ins.better),
+            "cutoff": ins.cutoff,
+            "reliable_change": ins.reliable_change,
+        },
         "sites": {
-            "contributed": [{"site_id": c.site_id, "release_sha256": c.sha256,
-                             "rho": str(c.release.rho),
-                             "epsilon": c.release.epsilon if math.isfinite(c.release.epsilon)
-                             else None,
-                             "delta": c.release.delta,
-                             "max_episodes_per_client": c.release.max_episodes_per_client}
-                            for c in contributions],
+            "contributed": [
+                {
+                    "site_id": c.site_id,
+                    "release_sha256": c.sha256,
+                    "rho": str(c.release.rho),
+                    "epsilon": c.release.epsilon if math.isfinite(c.release.epsilon) else None,
+                    "delta": c.release.delta,
+                    "max_episodes_per_client": c.release.max_episodes_per_client,
+                }
+                for c in contributions
+            ],
             "missing": [{"site": r.source, "reason": r.reason} for r in missing],
         },
         "privacy": {
@@ -95,12 +105,18 @@ def benchmark_document(pooled: Pooled, tables: Tables, missing: Sequence[Rejecti
             "mechanism": contributions[0].release.mechanism if contributions else None,
             "epsilon_per_site_max": max(eps) if eps and all(map(math.isfinite, eps)) else None,
             "delta_per_site_max": max((c.release.delta for c in contributions), default=None),
-            "rho_per_site_max": max((float(c.release.rho) for c in contributions),
-                                    default=None),
+            "rho_per_site_max": max((float(c.release.rho) for c in contributions), default=None),
         },
         "effect_size_reference_sd": tables.reference_sd.as_json(),
-        "bands": [{"band": b["band"], "lo": b["lo"], "hi": b["hi"],
-                   "estimates": _estimates(b["estimates"])} for b in tables.bands],
+        "bands": [
+            {
+                "band": b["band"],
+                "lo": b["lo"],
+                "hi": b["hi"],
+                "estimates": _estimates(b["estimates"]),
+            }
+            for b in tables.bands
+        ],
         "quantiles": tables.quantiles,
         "trajectory": tables.trajectory,
         "trajectory_fit": tables.trajectory_fit,
@@ -142,8 +158,10 @@ def tables_csv(doc: Mapping[str, Any]) -> dict[str, str]:
     bands = [{"band": b["band"], **b["estimates"]} for b in doc["bands"]]
     out = {
         "bands.csv": _csv(bands),
-        "sites.csv": _csv([{"status": "contributed", **s} for s in doc["sites"]["contributed"]]
-                          + [{"status": "missing", **s} for s in doc["sites"]["missing"]]),
+        "sites.csv": _csv(
+            [{"status": "contributed", **s} for s in doc["sites"]["contributed"]]
+            + [{"status": "missing", **s} for s in doc["sites"]["missing"]]
+        ),
     }
     for name in ("quantiles", "trajectory", "trajectory_fit"):
         if doc[name]:
@@ -156,19 +174,25 @@ def tables_csv(doc: Mapping[str, Any]) -> dict[str, str]:
 def write_bundle(out: Path, doc: Mapping[str, Any], key: Ed25519PrivateKey) -> list[Path]:
     """Write benchmark.json, the CSVs, report.html and the signed manifest into ``out``
     (which must be empty or not exist)."""
-    from coordinator.report import render_report  # the HTML is the only heavy part
-
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; publish into a new directory")
     out.mkdir(parents=True, exist_ok=True)
-    files = {"benchmark.json": json.dumps(doc, indent=1, sort_keys=True) + "\n",
-             **tables_csv(doc), "report.html": render_report(doc)}
+    files = {
+        "benchmark.json": json.dumps(doc, indent=1, sort_keys=True) + "\n",
+        **tables_csv(doc),
+        "report.html": render_report(doc),
+    }
     for name, text in files.items():
         (out / name).write_text(text, encoding="utf-8")
-    manifest = {"format": "outcomebench.manifest", "version": 1,
-                "study_hash": doc["study_hash"], "created": doc["created"],
-                "files": {name: hashlib.sha256((out / name).read_bytes()).hexdigest()
-                          for name in sorted(files)}}
+    manifest = {
+        "format": "outcomebench.manifest",
+        "version": 1,
+        "study_hash": doc["study_hash"],
+        "created": doc["created"],
+        "files": {
+            name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in sorted(files)
+        },
+    }
     env = crypto.sign(key, "manifest", canonical_json(manifest))
     (out / MANIFEST).write_text(env.dumps(), encoding="utf-8")
     return [out / n for n in sorted(files)] + [out / MANIFEST]

@@ -19,10 +19,10 @@ def load_study(path: Path) -> Study:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(str(path), [f"{path}: cannot read ({exc.__class__.__name__})"]) from None
-    if text.lstrip().startswith("{"):
-        return study_from_canonical(parse_envelope(text, "study").payload)
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.safe_load(text)  # JSON is YAML too
     except yaml.YAMLError:
         raise SpecError(str(path), [f"{path}: not valid YAML"]) from None
+    if isinstance(doc, dict) and doc.get("format") == "outcomebench.signed-study":
+        return study_from_canonical(parse_envelope(text, "study").payload)
     return parse_study(doc, where=str(path))

@@ -70,8 +70,7 @@ DEFAULT_CLIENTS_RANGE = (30, 3000)
 MIN_CLIENTS = 10
 """The smallest clinic :func:`synthesize` writes: room for every kind of bad row."""
 
-CSV_COLUMNS = ("client", "session_no", "seen_on", "measure", "total", "therapist",
-               "clinic_room")
+CSV_COLUMNS = ("client", "session_no", "seen_on", "measure", "total", "therapist", "clinic_room")
 """The export's columns; deliberately not our canonical names, to exercise column mapping."""
 
 _COLUMN_MAP = {
@@ -174,19 +173,37 @@ class SiteParams:
             problems.append(f"n_clients: {self.n_clients} must be >= 1")
         if self.n_therapists < 1:
             problems.append(f"n_therapists: {self.n_therapists} must be >= 1")
-        for name in ("subclinical_share", "deterioration_share", "dropout", "repeat_share",
-                     "fast_improver_link", "dropout_gain_factor"):
+        for name in (
+            "subclinical_share",
+            "deterioration_share",
+            "dropout",
+            "repeat_share",
+            "fast_improver_link",
+            "dropout_gain_factor",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 problems.append(f"{name}: {value} must be between 0 and 1")
         if self.subclinical_share + self.deterioration_share > 1.0:
             problems.append("subclinical_share + deterioration_share must be at most 1")
-        for name in ("intake_mean", "subclinical_mean", "gain_mean", "gain_per_intake",
-                     "deterioration_gain"):
+        for name in (
+            "intake_mean",
+            "subclinical_mean",
+            "gain_mean",
+            "gain_per_intake",
+            "deterioration_gain",
+        ):
             if not math.isfinite(getattr(self, name)):
                 problems.append(f"{name}: {getattr(self, name)} must be a finite number")
-        for name in ("intake_sd", "subclinical_sd", "subclinical_gain_sd", "gain_sd",
-                     "deterioration_gain_sd", "therapist_sd", "noise_sd"):
+        for name in (
+            "intake_sd",
+            "subclinical_sd",
+            "subclinical_gain_sd",
+            "gain_sd",
+            "deterioration_gain_sd",
+            "therapist_sd",
+            "noise_sd",
+        ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0.0):
                 problems.append(f"{name}: {value} must be a finite number >= 0")
@@ -293,7 +310,8 @@ def draw_site_params(
     lo, hi = clients_range
     if not 1 <= lo <= hi:
         raise ValueError(
-            f"clients_range: {clients_range!r} must be (min, max) with 1 <= min <= max")
+            f"clients_range: {clients_range!r} must be (min, max) with 1 <= min <= max"
+        )
     n_clients = round(math.exp(rng.uniform(math.log(lo), math.log(hi))))
     n_clients = min(hi, max(lo, n_clients))
     caseload = rng.uniform(25.0, 60.0)
@@ -355,8 +373,7 @@ def _simulate(rng: np.random.Generator, p: SiteParams) -> _Rows:
     # Case mix: sub-clinical, deteriorating and clinical-range episodes.
     u = rng.random(n_ep)
     subclinical = u < p.subclinical_share
-    deteriorates = (u >= p.subclinical_share) & (
-        u < p.subclinical_share + p.deterioration_share)
+    deteriorates = (u >= p.subclinical_share) & (u < p.subclinical_share + p.deterioration_share)
     clinical = ~subclinical & ~deteriorates
     # Deterioration is not confined to any severity: draw its intake from the whole mix.
     from_clinical_mix = clinical | (deteriorates & (rng.random(n_ep) >= p.subclinical_share))
@@ -369,21 +386,23 @@ def _simulate(rng: np.random.Generator, p: SiteParams) -> _Rows:
 
     gain = np.where(
         clinical,
-        p.gain_mean + p.gain_per_intake * (intake - p.intake_mean)
+        p.gain_mean
+        + p.gain_per_intake * (intake - p.intake_mean)
         + rng.normal(0.0, p.gain_sd, n_ep),
         rng.normal(0.0, p.subclinical_gain_sd, n_ep),
     )
     gain = np.where(
-        deteriorates, -np.abs(rng.normal(p.deterioration_gain, p.deterioration_gain_sd, n_ep)),
-        gain)
+        deteriorates, -np.abs(rng.normal(p.deterioration_gain, p.deterioration_gain_sd, n_ep)), gain
+    )
 
     # Fast improvers leave early: sessions are linked by rank to the client's gain.
     link = p.fast_improver_link
     z_gain = (gain - gain.mean()) / (gain.std() or 1.0)
     z_len = -link * z_gain + math.sqrt(1.0 - link * link) * rng.standard_normal(n_ep)
     cdf = _session_cdf(p.sessions_median, p.sessions_sigma, p.max_sessions)
-    n_sessions = 1 + np.minimum(np.searchsorted(cdf, _ranks01(z_len), side="right"),
-                                p.max_sessions - 1)
+    n_sessions = 1 + np.minimum(
+        np.searchsorted(cdf, _ranks01(z_len), side="right"), p.max_sessions - 1
+    )
 
     # Drop-outs are mostly the short episodes: P(drop-out) proportional to 1 / sessions,
     # scaled so that the share is p.dropout (bisection over the histogram of lengths, which
@@ -409,8 +428,12 @@ def _simulate(rng: np.random.Generator, p: SiteParams) -> _Rows:
     ep_of_row = np.repeat(np.arange(n_ep), n_sessions)
     first_row = np.cumsum(n_sessions) - n_sessions
     session = np.arange(n_rows) - first_row[ep_of_row] + 1
-    expected = _soft_bounds(intake[ep_of_row] - gain[ep_of_row] * np.log(session),
-                            ins.lo, ins.hi, max(p.noise_sd / 2.0, 1e-6))
+    expected = _soft_bounds(
+        intake[ep_of_row] - gain[ep_of_row] * np.log(session),
+        ins.lo,
+        ins.hi,
+        max(p.noise_sd / 2.0, 1e-6),
+    )
     severity = np.rint(expected + rng.normal(0.0, p.noise_sd, n_rows))
     np.clip(severity, ins.lo, ins.hi, out=severity)
     score = severity if ins.better is Better.LOWER else ins.lo + ins.hi - severity
@@ -468,15 +491,17 @@ def generate_site(rng: np.random.Generator, params: SiteParams) -> pd.DataFrame:
     episode, repeated on its rows).
     """
     rows = _simulate(rng, params)
-    return pd.DataFrame({
-        "client": rows.client,
-        "episode": rows.episode,
-        "session_no": rows.session,
-        "seen_on": rows.day.astype("datetime64[D]").astype("datetime64[s]"),
-        "total": rows.score,
-        "therapist": rows.therapist,
-        "dropped_out": rows.dropped_out,
-    })
+    return pd.DataFrame(
+        {
+            "client": rows.client,
+            "episode": rows.episode,
+            "session_no": rows.session,
+            "seen_on": rows.day.astype("datetime64[D]").astype("datetime64[s]"),
+            "total": rows.score,
+            "therapist": rows.therapist,
+            "dropped_out": rows.dropped_out,
+        }
+    )
 
 
 class BadRowKind(StrEnum):
@@ -523,7 +548,8 @@ def _to_columns(rng: np.random.Generator, rows: _Rows, ins: Instrument) -> dict[
     client_ids = np.char.add("N-", np.char.zfill(numbers.astype(str), width)).astype(object)
     n_therapists = int(rows.therapist.max()) + 1 if rows.therapist.size else 0
     therapist_ids = np.char.add(
-        "T-", np.char.zfill((np.arange(n_therapists) + 1).astype(str), 3)).astype(object)
+        "T-", np.char.zfill((np.arange(n_therapists) + 1).astype(str), 3)
+    ).astype(object)
     n = rows.client.size
     return {
         "client": client_ids[rows.client],
@@ -568,7 +594,7 @@ def _inject_bad_rows(
     cursor = 0
     for kind in kinds:
         if kind is not BadRowKind.DATE_OUT_OF_ORDER:
-            picks[kind] = np.sort(free[cursor: cursor + want[kind]])
+            picks[kind] = np.sort(free[cursor : cursor + want[kind]])
             cursor += want[kind]
 
     def choose(options: list[str], k: int) -> ObjArray:
@@ -598,15 +624,16 @@ def _inject_bad_rows(
     step = rng.integers(1, 6, conflict.size) * np.where(rng.random(conflict.size) < 0.5, -1, 1)
     changed = np.clip(original + step, ins.lo, ins.hi)
     # Clipping can land back on the original score; the copy must conflict.
-    changed = np.where(changed != original, changed,
-                       np.where(original > ins.lo, original - 1, original + 1))
+    changed = np.where(
+        changed != original, changed, np.where(original > ins.lo, original - 1, original + 1)
+    )
     dup_src = np.concatenate([exact, conflict])
     order = np.argsort(np.concatenate([np.arange(n) * 2, dup_src * 2 + 1]), kind="stable")
     out: dict[str, ObjArray] = {}
     for name, values in cols.items():
         extra = values[dup_src]
         if name == "total":
-            extra[exact.size:] = changed.astype(str).astype(object)
+            extra[exact.size :] = changed.astype(str).astype(object)
         out[name] = np.concatenate([values, extra])[order]
     return out, {kind: int(picked.size) for kind, picked in picks.items()}
 
@@ -645,8 +672,7 @@ def _site_yaml(site: str, seed: int, ins: Instrument, messy: bool) -> str:
         f"(seed {seed}, {ins.id}{', messy' if messy else ''}).\n"
         "# Not real client data. The data path is relative to this file's directory.\n"
     )
-    body = yaml.dump(doc, Dumper=_SiteDumper, sort_keys=False, width=1000,
-                     default_flow_style=False)
+    body = yaml.dump(doc, Dumper=_SiteDumper, sort_keys=False, width=1000, default_flow_style=False)
     return header + body
 
 
@@ -714,13 +740,15 @@ def synthesize(
         frame = pd.DataFrame({name: columns[name] for name in CSV_COLUMNS})
         data_path.write_text(frame.to_csv(index=False, lineterminator="\n"), encoding="utf-8")
         config_path.write_text(_site_yaml(sid, seed, ins, messy), encoding="utf-8")
-        written.append(SiteFiles(
-            site_id=sid,
-            directory=directory,
-            data_path=data_path,
-            config_path=config_path,
-            n_rows=len(columns["client"]),
-            n_clients=params.n_clients,
-            n_bad_rows=n_bad,
-        ))
+        written.append(
+            SiteFiles(
+                site_id=sid,
+                directory=directory,
+                data_path=data_path,
+                config_path=config_path,
+                n_rows=len(columns["client"]),
+                n_clients=params.n_clients,
+                n_bad_rows=n_bad,
+            )
+        )
     return written

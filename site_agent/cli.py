@@ -134,6 +134,35 @@ def _parser() -> argparse.ArgumentParser:
         sp.set_defaults(approve=name == "approve")
     aud = sub_cmd("audit", "show the audit log; --verify checks its hash chain", _audit)
     aud.add_argument("--verify", action="store_true", help="verify the chain; exit 5 if broken")
+    cmp_ = sub_cmd(
+        "compare",
+        "compare the clinic's own clients with a published benchmark (local only: nothing is sent)",
+        _compare,
+        json_=False,
+    )
+    cmp_.add_argument(
+        "--benchmark",
+        required=True,
+        type=Path,
+        metavar="BUNDLE_DIR",
+        help="the signed benchmark bundle",
+    )
+    cmp_.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="where to write comparison.html and CSVs",
+    )
+    cmp_.add_argument(
+        "--key",
+        type=Path,
+        action="append",
+        default=None,
+        metavar="NETWORK_PUB",
+        help="network public key to verify the bundle (default: the policy's "
+        "trusted_coordinator_keys)",
+    )
     sub_cmd(
         "pubkey", "print the site's Ed25519 public key (PEM) for registration", _pubkey, json_=False
     )

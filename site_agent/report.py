@@ -117,6 +117,7 @@ def compare(cfg: SiteConfig, doc: Mapping[str, Any]) -> Comparison:
             "observed_ci95": None,
             "expected_mean_change": _value(bench),
             "expected_ci95": bench.get("ci95"),
+            "difference": None,
             "benchmark_note": bench.get("suppressed"),
         }
         if n > 1:

@@ -74,10 +74,11 @@ def load_study_request(path: Path) -> StudyRequest:
     except (OSError, UnicodeDecodeError) as exc:
         raise Refused(ErrorCode.MALFORMED_STUDY, f"{path}: cannot read ({exc})") from None
     try:
-        if text.lstrip().startswith("{"):
+        doc = yaml.safe_load(text)  # JSON is YAML too
+        if isinstance(doc, dict) and doc.get("format") == "outcomebench.signed-study":
             env = parse_envelope(text, "study")
             return StudyRequest(study_from_canonical(env.payload), env)
-        return StudyRequest(parse_study(yaml.safe_load(text)))
+        return StudyRequest(parse_study(doc))
     except (SpecError, yaml.YAMLError) as exc:
         raise Refused(ErrorCode.MALFORMED_STUDY, str(exc)) from None
 

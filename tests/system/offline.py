@@ -17,17 +17,29 @@ FAMILIES = ["counts", "change", "categories", "trajectory", "histogram"]
 
 
 def study_doc(**change: Any) -> dict[str, Any]:
-    return {"id": "phq9-2026", "title": "PHQ-9 expected change", "instrument": "PHQ-9",
-            "window": {"start": "2025-01-01", "end": "2026-12-31"},
-            "bands": [[0, 9], [10, 14], [15, 19], [20, 27]], "families": FAMILIES,
-            "max_session": 20, "privacy": {"rho": 0.5}, "min_sites": 3} | change
+    return {
+        "id": "phq9-2026",
+        "title": "PHQ-9 expected change",
+        "instrument": "PHQ-9",
+        "window": {"start": "2025-01-01", "end": "2026-12-31"},
+        "bands": [[0, 9], [10, 14], [15, 19], [20, 27]],
+        "families": FAMILIES,
+        "max_session": 20,
+        "privacy": {"rho": 0.5},
+        "min_sites": 3,
+    } | change
 
 
 def policy_doc(rho: float = 0.5, **change: Any) -> dict[str, Any]:
-    return {"unit": "client_id", "max_episodes_per_client": 1, "per_study": {"rho": rho},
-            "budget": {"rho": 2 * rho, "period_days": 365},
-            "allow": {"instruments": ["PHQ-9"], "families": FAMILIES},
-            "approval": "auto", "state_dir": "state/"} | change
+    return {
+        "unit": "client_id",
+        "max_episodes_per_client": 1,
+        "per_study": {"rho": rho},
+        "budget": {"rho": 2 * rho, "period_days": 365},
+        "allow": {"instruments": ["PHQ-9"], "families": FAMILIES},
+        "approval": "auto",
+        "state_dir": "state/",
+    } | change
 
 
 @dataclass(frozen=True)
@@ -42,9 +54,16 @@ class Network:
         return self.keys / "network.pub.pem"
 
 
-def make_network(root: Path, n_sites: int = 3, *, seed: int = 11, rho: float = 0.5,
-                 clients: tuple[int, int] = (300, 900), policy: dict[str, Any] | None = None,
-                 study: dict[str, Any] | None = None) -> Network:
+def make_network(
+    root: Path,
+    n_sites: int = 3,
+    *,
+    seed: int = 11,
+    rho: float = 0.5,
+    clients: tuple[int, int] = (300, 900),
+    policy: dict[str, Any] | None = None,
+    study: dict[str, Any] | None = None,
+) -> Network:
     keys = root / "keys"
     ccrypto.generate_keypair(keys, "network")
     configs = []

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from coordinator.estimates import MIN_EPISODES, estimate_all, mean, rate, sd
+from coordinator.pooling import Pooled, PooledBlock
+from protocols.layout import block_layout
+from protocols.study import Study, parse_study
+
+
+def _study(families: list[str] | None = None) -> Study:
+    return parse_study({"id": "s", "instrument": "PHQ-9",
+                        "window": {"start": "2026-01-01", "end": "2026-12-31"},
+                        "bands": [[0, 9], [10, 14], [15, 19], [20, 27]],
+                        "families": families or ["counts", "change", "categories",
+                                                 "trajectory", "histogram"],
+                        "max_session": 4, "privacy": {"rho": 0.1}})
+
+
+def _pooled(study: Study, fill: dict[str, np.ndarray], noise: float) -> Pooled:
+    blocks = {}
+    for spec in block_layout(study):
+        values = fill.get(spec.name, np.zeros((spec.n_bands, spec.width)))
+        blocks[spec.name] = PooledBlock(spec=spec, values=np.asarray(values, float).reshape(
+            spec.n_bands, spec.width), noise_var=np.full((spec.n_bands, spec.width), noise))
+    return Pooled(study=study, contributions=(), blocks=blocks)
+
+
+def test_mean_adds_sampling_and_noise_variance() -> None:
+    # 100 episodes, change mean 5, SD 2: sum 500, sum of squares 100 * (4 + 25) - ...
+    n, m, s = 100.0, 5.0, 2.0
+    total, squares = n * m, (n - 1) * s * s + n * m * m
+    est = mean((total, 400.0), (squares, 0.0), (n, 9.0))
+    assert est.value == pytest.approx(5.0)
+    assert est.se_sampling == pytest.approx(s / math.sqrt(n))
+    # noise: (var_S + m^2 var_N) / N^2
+    assert est.se_noise == pytest.approx(math.sqrt(400 + 25 * 9) / n, rel=1e-4)
+    lo, hi = est.ci or (0, 0)
+    assert lo < 5 < hi and hi - lo == pytest.approx(2 * 1.959964 * est.se)
+
+
+def test_rate_and_suppression() -> None:
+    est = rate((30.0, 4.0), (100.0, 4.0))
+    assert est.value == pytest.approx(0.3)
+    assert est.se_sampling == pytest.approx(math.sqrt(0.3 * 0.7 / 100))
+    assert est.se_noise == pytest.approx(math.sqrt(4 + 0.09 * 4) / 100, rel=1e-4)
+    few = rate((3.0, 1.0), (MIN_EPISODES - 1.0, 1.0))
+    assert few.value is None and few.suppressed and "fewer than" in few.suppressed
+    noisy = rate((30.0, 1.0), (100.0, 400.0))  # noise SD 20 > 15% of 100
+    assert noisy.value is None and noisy.suppressed and "DP noise" in noisy.suppressed
+    bounded = rate((99.0, 1.0), (100.0, 1.0))
+    assert bounded.ci is not None and bounded.ci[1] <= 1.0
+
+
+def test_sd_suppressed_when_noise_makes_it_negative() -> None:
+    assert sd((1000.0, 1.0), (10.0, 1.0), (100.0, 1.0)).value is None
+
+
+def test_estimate_all_on_exact_sums() -> None:
+    study = _study(["counts", "change", "categories"])
+    n = np.array([[100], [200], [0], [50]], float)
+    change = np.array([[0], [400], [0], [400]], float)  # means 0, 2, -, 8
+    fill = {"episodes": n, "sum_change": change, "sum_change_sq": change * 10 + n,
+            "sum_intake": n * 5, "sum_intake_sq": n * 30, "reliably_improved": n / 2,
+            "case_at_intake": n, "recovered": n / 4}
+    tables = estimate_all(_pooled(study, fill, 0.0))
+    means = [b["estimates"]["mean_change"].value for b in tables.bands]
+    assert means[0] == pytest.approx(0) and means[1] == pytest.approx(2)
+    assert means[2] is None and means[3] == pytest.approx(8)
+    assert tables.bands[1]["estimates"]["reliable_improvement_rate"].value == pytest.approx(0.5)
+    assert tables.bands[1]["estimates"]["recovery_rate"].value == pytest.approx(0.25)
+
+
+_values = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), noise=st.floats(0.0, 1e8))
+def test_estimates_never_crash_on_any_noisy_sums(data: st.DataObject, noise: float) -> None:
+    study = _study()
+    fill = {spec.name: np.array(data.draw(st.lists(_values, min_size=spec.size,
+                                                   max_size=spec.size)))
+            for spec in block_layout(study)}
+    tables = estimate_all(_pooled(study, fill, noise))
+    for band in tables.bands:
+        for est in band["estimates"].values():
+            assert est.value is None or math.isfinite(est.value)
+            if est.value is not None and est.ci is not None:
+                assert est.ci[0] <= est.ci[1]
