@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import textwrap
 import traceback
@@ -33,6 +34,7 @@ from typing import TextIO
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator import crypto
+from coordinator.demo import DemoError, run_demo
 from coordinator.estimates import estimate_all
 from coordinator.pooling import Contribution, Rejection, load_release_file, pool, site_keys
 from coordinator.publish import benchmark_document, verify_bundle, write_bundle
@@ -512,7 +514,70 @@ _VERIFY = Command(
     run=_verify_run,
 )
 
-COMMANDS: tuple[Command, ...] = (_SYNTH, _KEYGEN, _SIGN_STUDY, _POOL, _VERIFY)
+# --- demo -------------------------------------------------------------------------------
+
+_DEMO_MARKER = ".outcomebench-demo"
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sites",
+        type=_whole_number(3),
+        default=5,
+        metavar="N",
+        help="number of synthetic clinics (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outcomebench-demo"),
+        metavar="DIR",
+        help="working directory for the demo network (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=_whole_number(0), default=1, metavar="S")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=180.0,
+        help="seconds the ServerApp waits for the sites' replies",
+    )
+
+
+def _demo_run(args: argparse.Namespace, stdout: TextIO) -> ExitCode:
+    out: Path = args.out
+    if out.exists() and any(out.iterdir()):
+        if not (out / _DEMO_MARKER).exists():
+            raise CommandError(
+                ExitCode.USAGE, f"{out} exists and is not a demo directory; choose another --out"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / _DEMO_MARKER).write_text("created by outcomebench-coordinator demo\n")
+    try:
+        result = run_demo(
+            out.resolve(), n_sites=args.sites, seed=args.seed, timeout=args.timeout, log=stdout
+        )
+    except DemoError as exc:
+        raise CommandError(ExitCode.QUORUM, str(exc)) from None
+    print(
+        f"\nbenchmark bundle verified: {result.bundle}\nreport: {result.bundle / 'report.html'}",
+        file=stdout,
+    )
+    return ExitCode.OK
+
+
+_DEMO = Command(
+    name="demo",
+    help="run the demo network on synthetic clinics, end to end",
+    description="Synthesize clinics, start a local network on loopback (SuperLink "
+    "with TLS, node authentication and a database; one site agent and one "
+    "SuperNode per clinic), run a study, verify the signed bundle, print where "
+    "report.html is, and stop every process it started.",
+    add_arguments=_demo_arguments,
+    run=_demo_run,
+)
+
+COMMANDS: tuple[Command, ...] = (_SYNTH, _KEYGEN, _SIGN_STUDY, _POOL, _VERIFY, _DEMO)
 
 
 # --- entry point -----------------------------------------------------------------------

@@ -96,31 +96,37 @@ def check_release(study: Study, payload: bytes) -> SiteRelease:
     return release
 
 
+def verify_release(data: bytes, study: Study, keys: Mapping[str, Path]) -> Contribution | str:
+    """A verified contribution from signed release bytes, or the reason it is refused."""
+    try:
+        env = parse_envelope(data, "release")
+        site_id = str(json.loads(env.payload).get("site_id", ""))
+        if site_id not in keys:
+            return (
+                f"site {site_id!r} is not registered (no {site_id}.pub.pem in the keys directory)"
+            )
+        if not crypto.verify_with(env, crypto.load_public(keys[site_id])):
+            return f"signature is not {site_id}'s registered key"
+        release = check_release(study, env.payload)
+    except SpecError as exc:
+        return "; ".join(exc.problems)
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"unreadable or malformed ({exc.__class__.__name__})"
+    return Contribution(
+        site_id=site_id, release=release, sha256=hashlib.sha256(env.payload).hexdigest()
+    )
+
+
 def load_release_file(
     path: Path, study: Study, keys: Mapping[str, Path]
 ) -> Contribution | Rejection:
     """A verified contribution, or the reason the file is rejected."""
     try:
-        env = parse_envelope(path.read_bytes(), "release")
-        site_id = str(json.loads(env.payload).get("site_id", ""))
-        if site_id not in keys:
-            return Rejection(
-                str(path),
-                f"site {site_id!r} is not registered (no {site_id}.pub.pem in the keys directory)",
-            )
-        if not crypto.verify_with(env, crypto.load_public(keys[site_id])):
-            return Rejection(str(path), f"signature is not {site_id}'s registered key")
-        release = check_release(study, env.payload)
-    except (OSError, ValueError, AttributeError) as exc:
-        reason = (
-            "; ".join(exc.problems)
-            if isinstance(exc, SpecError)
-            else f"unreadable or malformed ({exc.__class__.__name__})"
-        )
-        return Rejection(str(path), reason)
-    return Contribution(
-        site_id=site_id, release=release, sha256=hashlib.sha256(env.payload).hexdigest()
-    )
+        data = path.read_bytes()
+    except OSError as exc:
+        return Rejection(str(path), f"unreadable ({exc.__class__.__name__})")
+    result = verify_release(data, study, keys)
+    return Rejection(str(path), result) if isinstance(result, str) else result
 
 
 def pool(study: Study, contributions: Iterable[Contribution]) -> Pooled:

@@ -1,0 +1,154 @@
+"""The demo network: synthetic clinics, a local network with TLS and node
+authentication, one study end to end, a verified bundle."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import yaml
+
+import coordinator
+from coordinator import crypto
+from coordinator.localnet import LocalNetwork, NetworkError, RunOutcome
+from coordinator.publish import verify_bundle
+from coordinator.synth import synthesize
+
+__all__ = ["DemoError", "DemoResult", "app_dir", "run_demo"]
+
+FAMILIES = ["counts", "change", "categories", "trajectory", "histogram"]
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class DemoResult:
+    bundle: Path
+    outcome: RunOutcome
+
+
+def app_dir() -> Path:
+    """The Flower app to run: this project (its pyproject.toml declares the apps)."""
+    root = Path(coordinator.__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file() and "[tool.flwr.app]" in (
+        root / "pyproject.toml"
+    ).read_text():
+        return root
+    raise DemoError(
+        "the Flower app (pyproject.toml with [tool.flwr.app]) was not found beside "
+        "the installed package; install outcomebench from its source checkout"
+    )
+
+
+def prepare_sites(root: Path, n_sites: int, seed: int, rho: float = 0.25) -> list[Path]:
+    """Synthetic clinics, each with a privacy policy allowing the demo study."""
+    configs = []
+    for site in synthesize(n_sites, root / "sites", seed=seed, clients_range=(400, 3000)):
+        doc = yaml.safe_load(site.config_path.read_text())
+        doc["privacy_policy"] = "privacy.yaml"
+        site.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        policy = {
+            "unit": "client_id",
+            "max_episodes_per_client": 1,
+            "per_study": {"rho": rho},
+            "budget": {"rho": 4 * rho, "period_days": 365},
+            "allow": {"instruments": ["PHQ-9"], "families": FAMILIES},
+            "approval": "auto",
+            "state_dir": "state/",
+        }
+        (site.directory / "privacy.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
+        configs.append(site.config_path)
+    return configs
+
+
+def register_signing_keys(configs: list[Path], keys_dir: Path) -> None:
+    """Each site's release-signing public key, as the network's registry holds it."""
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    site_bin = Path(sys.executable).with_name("outcomebench-site")
+    for config in configs:
+        site_id = str(yaml.safe_load(config.read_text())["site"]["id"])
+        pem = subprocess.run(
+            [str(site_bin), "pubkey", "--config", str(config)],
+            check=True,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        ).stdout
+        (keys_dir / f"{site_id}.pub.pem").write_text(pem)
+
+
+def write_study(root: Path, n_sites: int, rho: float = 0.25) -> Path:
+    study = {
+        "study": {
+            "id": "demo-phq9",
+            "title": "PHQ-9 expected change (demo network, synthetic clinics)",
+            "instrument": "PHQ-9",
+            "window": {"start": "2025-01-01", "end": "2026-12-31"},
+            "bands": [[0, 9], [10, 14], [15, 19], [20, 27]],
+            "families": FAMILIES,
+            "max_session": 20,
+            "privacy": {"rho": rho},
+            "min_sites": max(2, n_sites - 2),
+        }
+    }
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def run_demo(root: Path, *, n_sites: int, seed: int, timeout: float, log: TextIO) -> DemoResult:
+    print(f"synthesizing {n_sites} clinics in {root / 'sites'}", file=log)
+    configs = prepare_sites(root, n_sites, seed)
+    study = write_study(root, n_sites)
+    net = LocalNetwork(root=root / "network", sites=configs)
+    try:
+        print(
+            "starting the network on 127.0.0.1: PKI, site agents, SuperLink (TLS, node "
+            "authentication, database), SuperNodes",
+            file=log,
+        )
+        net.start()
+        if net.pki is None:
+            raise NetworkError("the network did not create its PKI")
+        register_signing_keys(configs, net.pki.root / "site-keys")
+        net.wait_online(n_sites)
+        bundle = root / "bundle"
+        print(f"running study {study.name} over Flower ({n_sites} sites)", file=log)
+        outcome = net.run_study(
+            app_dir(),
+            {
+                "study": str(study),
+                "keys": str(net.pki.root / "site-keys"),
+                "out": str(bundle),
+                "signing-key": str(net.pki.network_key),
+                "timeout": timeout,
+                "wait-for-nodes": n_sites,
+                "wait-timeout": 60.0,
+            },
+        )
+    except NetworkError as exc:
+        raise DemoError(f"the demo network failed: {exc}") from None
+    finally:
+        net.stop()
+        print("stopped every process the demo started", file=log)
+    record = outcome.round
+    print(
+        f"run {outcome.run_id}: {outcome.status} in {outcome.seconds:.1f} s; contributed: "
+        f"{', '.join(record.get('contributed', [])) or 'none'}",
+        file=log,
+    )
+    for missing in record.get("missing", []):
+        print(f"  missing {missing['source']}: {missing['reason']}", file=log)
+    if outcome.status != "finished:completed" or not record.get("published"):
+        raise DemoError(
+            f"the study did not complete (status {outcome.status}); logs in {net.root / 'logs'}"
+        )
+    problems = verify_bundle(bundle, crypto.load_public(net.root / "pki" / "network.pub.pem"))
+    if problems:
+        raise DemoError("the bundle does not verify: " + "; ".join(problems))
+    return DemoResult(bundle=bundle, outcome=outcome)
