@@ -56,7 +56,10 @@ METHODS = (
     "Trajectories give the mean change from intake at each session with the interval of "
     "the mean and a 95% tolerance band for individual clients; the a + b ln(session) fit "
     "treats session means as independent, so its intervals are too narrow. Intervals are "
-    "conditional on the participating services."
+    "conditional on the participating services. Coverage of the intervals for mean change "
+    "and reliable improvement was measured at 94.5-95.5% in simulation; in bands near the "
+    "suppression threshold the published intervals cover less often (about 90%), because "
+    "whether to publish is decided on the same noisy count."
 )
 
 
