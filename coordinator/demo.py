@@ -11,9 +11,9 @@ from typing import TextIO
 
 import yaml
 
-import coordinator
 from coordinator import crypto
 from coordinator.localnet import LocalNetwork, NetworkError, RunOutcome
+from coordinator.pki import NETWORK_KEY, NETWORK_PUB, SITE_KEYS_DIR
 from coordinator.publish import verify_bundle
 from coordinator.synth import synthesize
 
@@ -34,7 +34,7 @@ class DemoResult:
 
 def app_dir() -> Path:
     """The Flower app to run: this project (its pyproject.toml declares the apps)."""
-    root = Path(coordinator.__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parent.parent
     if (root / "pyproject.toml").is_file() and "[tool.flwr.app]" in (
         root / "pyproject.toml"
     ).read_text():
@@ -113,9 +113,8 @@ def run_demo(root: Path, *, n_sites: int, seed: int, timeout: float, log: TextIO
             file=log,
         )
         net.start()
-        if net.pki is None:
-            raise NetworkError("the network did not create its PKI")
-        register_signing_keys(configs, net.pki.root / "site-keys")
+        pki_dir = net.root / "pki"
+        register_signing_keys(configs, pki_dir / SITE_KEYS_DIR)
         net.wait_online(n_sites)
         bundle = root / "bundle"
         print(f"running study {study.name} over Flower ({n_sites} sites)", file=log)
@@ -123,9 +122,9 @@ def run_demo(root: Path, *, n_sites: int, seed: int, timeout: float, log: TextIO
             app_dir(),
             {
                 "study": str(study),
-                "keys": str(net.pki.root / "site-keys"),
+                "keys": str(pki_dir / SITE_KEYS_DIR),
                 "out": str(bundle),
-                "signing-key": str(net.pki.network_key),
+                "signing-key": str(pki_dir / NETWORK_KEY),
                 "timeout": timeout,
                 "wait-for-nodes": n_sites,
                 "wait-timeout": 60.0,
@@ -148,7 +147,7 @@ def run_demo(root: Path, *, n_sites: int, seed: int, timeout: float, log: TextIO
         raise DemoError(
             f"the study did not complete (status {outcome.status}); logs in {net.root / 'logs'}"
         )
-    problems = verify_bundle(bundle, crypto.load_public(net.root / "pki" / "network.pub.pem"))
+    problems = verify_bundle(bundle, crypto.load_public(net.root / "pki" / NETWORK_PUB))
     if problems:
         raise DemoError("the bundle does not verify: " + "; ".join(problems))
     return DemoResult(bundle=bundle, outcome=outcome)

@@ -347,8 +347,16 @@ def _trajectory_fit(p: Pooled, sign: float) -> list[dict[str, Any]]:
             continue
         x, y, wt = np.array(xs), np.array(ys), np.array(ws)
         design = np.column_stack([np.ones_like(x), x])
-        cov = np.linalg.inv(design.T @ (design * wt[:, None]))
+        try:
+            cov = np.linalg.inv(design.T @ (design * wt[:, None]))
+        except np.linalg.LinAlgError:
+            cov = np.full((2, 2), np.nan)
         beta = cov @ (design.T @ (wt * y))
+        if not (np.isfinite(beta).all() and cov[0, 0] > 0 and cov[1, 1] > 0):
+            reason = "the noisy session means do not determine a curve"
+            rows.append({"band": band, "sessions_used": len(xs),
+                         "a": suppressed(reason).as_json(), "b": suppressed(reason).as_json()})
+            continue
         rows.append(
             {
                 "band": band,

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from coordinator.pki import Pki, add_node, init_pki
+from coordinator import pki as netpki
 
 __all__ = ["LocalNetwork", "NetworkError", "RunOutcome", "flower_env", "free_port"]
 
@@ -83,7 +83,7 @@ class LocalNetwork:
     sites: Sequence[Path]  # site.yaml of each clinic (with privacy policies)
     port: int = field(default_factory=free_port)
     procs: list[_Proc] = field(default_factory=list)
-    pki: Pki | None = None
+    pki_dir: Path | None = None
     sockets: dict[str, Path] = field(default_factory=dict)
     site_ids: list[str] = field(default_factory=list)
 
@@ -174,7 +174,8 @@ class LocalNetwork:
     def start(self, *, register: Sequence[str] | None = None) -> None:
         """PKI, site agents, SuperLink, registrations, SuperNodes. ``register`` limits
         which sites get registered (all by default), for tests of unregistered nodes."""
-        self.pki = pki = init_pki(self.root / "pki")
+        self.pki_dir = pki = self.root / "pki"
+        netpki.init(pki)
         for config in self.sites:
             self.start_agent(config)
         link = self._start(
@@ -182,11 +183,11 @@ class LocalNetwork:
             [
                 _bin("flower-superlink"),
                 "--ssl-ca-certfile",
-                str(pki.ca_cert),
+                str(pki / netpki.CA_CERT),
                 "--ssl-certfile",
-                str(pki.server_cert),
+                str(pki / netpki.SERVER_CERT),
                 "--ssl-keyfile",
-                str(pki.server_key),
+                str(pki / netpki.SERVER_KEY),
                 "--enable-supernode-auth",
                 "--database",
                 str(self.root / "superlink.db"),
@@ -200,15 +201,14 @@ class LocalNetwork:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{pki.ca_cert}"\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{pki / netpki.CA_CERT}"\n'
         )
         self._wait_port(self.port, link)
         for site_id in self.site_ids:
-            keys = add_node(pki.root, site_id)
+            netpki.add_site(pki, site_id)
             if register is None or site_id in register:
-                self.flwr(
-                    ["supernode", "register", str(keys.public), CONNECTION, "--name", site_id]
-                )
+                public = pki / netpki.SITES_DIR / site_id / netpki.NODE_PUB
+                self.flwr(["supernode", "register", str(public), CONNECTION, "--name", site_id])
             self.start_supernode(site_id)
 
     def start_agent(self, config: Path) -> None:
@@ -226,20 +226,22 @@ class LocalNetwork:
             self.site_ids.append(site_id)
 
     def start_supernode(self, site_id: str, *, tls: bool = True) -> _Proc:
-        if self.pki is None:
+        if self.pki_dir is None:
             raise NetworkError("start the network first")
         argv = [
             _bin("flower-supernode"),
             "--superlink",
             f"127.0.0.1:{self.port}",
             "--auth-supernode-private-key",
-            str(self.pki.root / "nodes" / f"{site_id}.key"),
+            str(self.pki_dir / netpki.SITES_DIR / site_id / netpki.NODE_KEY),
             "--node-config",
             f'agent-socket="{self.sockets[site_id]}" site-id="{site_id}"',
             "--port",
             str(free_port()),
         ]
-        argv += ["--root-certificates", str(self.pki.ca_cert)] if tls else ["--insecure"]
+        argv += (
+            ["--root-certificates", str(self.pki_dir / netpki.CA_CERT)] if tls else ["--insecure"]
+        )
         return self._start(f"supernode-{site_id}", argv)
 
     def flwr(self, args: Sequence[str], timeout: float = 120.0) -> str:
@@ -296,6 +298,10 @@ class LocalNetwork:
             time.sleep(1.0)
         else:
             raise NetworkError(f"run {run_id} did not finish within {timeout:g} s")
+        # Keep the run's own log (ServerApp output) beside the daemons' logs.
+        with contextlib.suppress(NetworkError, subprocess.TimeoutExpired):
+            log = self.flwr(["log", str(run_id), CONNECTION, "--show"], timeout=30)
+            (self.root / "logs" / f"run-{run_id}.log").write_text(log)
         out_dir = Path(str(run_config["out"]))
         record_path = Path(f"{out_dir}.round.json")
         record = json.loads(record_path.read_text()) if record_path.exists() else {}

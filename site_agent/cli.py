@@ -166,6 +166,21 @@ def _parser() -> argparse.ArgumentParser:
     sub_cmd(
         "pubkey", "print the site's Ed25519 public key (PEM) for registration", _pubkey, json_=False
     )
+    srv = sub_cmd(
+        "serve",
+        "run the local site agent service (gRPC on an owner-only Unix socket) for the "
+        "Flower bridge, until SIGTERM or SIGINT; every release goes through the ledger",
+        _serve,
+        json_=False,
+    )
+    srv.add_argument(
+        "--socket",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="the Unix socket to listen on (default: <state_dir>/agent.sock from the "
+        "privacy policy)",
+    )
     return p
 
 
@@ -393,6 +408,13 @@ def _compare(args: argparse.Namespace) -> int:
 def _pubkey(args: argparse.Namespace) -> int:
     engine = _engine(args)
     print(crypto.public_pem(crypto.load_or_create_key(engine.policy.state_dir)), end="")
+    return ExitCode.OK
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from site_agent.service import serve  # noqa: PLC0415 - gRPC is loaded only to serve
+
+    serve(args.config, args.socket)
     return ExitCode.OK
 
 
