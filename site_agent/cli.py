@@ -174,6 +174,13 @@ def _parser() -> argparse.ArgumentParser:
         json_=False,
     )
     srv.add_argument(
+        "--socket-group",
+        default=None,
+        metavar="GROUP",
+        help="make the socket 0660 for GROUP (when the SuperNode runs as another user in "
+        "that group); default: owner-only 0600",
+    )
+    srv.add_argument(
         "--socket",
         type=Path,
         default=None,
@@ -414,7 +421,7 @@ def _pubkey(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from site_agent.service import serve  # noqa: PLC0415 - gRPC is loaded only to serve
 
-    serve(args.config, args.socket)
+    serve(args.config, args.socket, args.socket_group)
     return ExitCode.OK
 
 

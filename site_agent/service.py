@@ -17,6 +17,7 @@ serving on it) raise :class:`~site_agent.errors.ConfigError` naming the fix.
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
 import os
@@ -259,8 +260,18 @@ def _prepare_socket(path: Path) -> None:
 class AgentServer:
     """The gRPC server of one site: :meth:`start`, then :meth:`stop` (from any thread)."""
 
-    def __init__(self, engine: ReleaseEngine, socket_path: Path, *, workers: int = WORKERS) -> None:
+    def __init__(
+        self,
+        engine: ReleaseEngine,
+        socket_path: Path,
+        *,
+        workers: int = WORKERS,
+        socket_group: str | None = None,
+    ) -> None:
         self.engine = engine
+        # A SuperNode running as another OS user reaches the agent through a shared group;
+        # without one the socket stays owner-only.
+        self.socket_group = socket_group
         self.socket_path = Path(os.path.abspath(socket_path))
         self.workers = workers
         self.health = health.HealthServicer()
@@ -288,7 +299,18 @@ class AgentServer:
             raise ConfigError(where, [f"{where}: cannot listen here ({exc})"]) from None
         finally:
             os.umask(old)
-        os.chmod(self.socket_path, 0o600)
+        if self.socket_group is None:
+            os.chmod(self.socket_path, 0o600)
+        else:
+            try:
+                gid = grp.getgrnam(self.socket_group).gr_gid
+            except KeyError:
+                server.stop(None)
+                raise ConfigError(
+                    where, [f"--socket-group: no group {self.socket_group!r}"]
+                ) from None
+            os.chown(self.socket_path, -1, gid)
+            os.chmod(self.socket_path, 0o660)
         st = self.socket_path.lstat()
         self._inode = (st.st_dev, st.st_ino)
         self._server = server
@@ -318,7 +340,9 @@ class AgentServer:
         log.info("site %s: stopped", self.engine.site.site_id)
 
 
-def serve(config_path: Path, socket_path: Path | None = None) -> None:
+def serve(
+    config_path: Path, socket_path: Path | None = None, socket_group: str | None = None
+) -> None:
     """Run the site agent service until SIGTERM or SIGINT (call from the main thread).
 
     ``socket_path`` defaults to ``<state_dir>/agent.sock`` from the privacy policy.
@@ -329,7 +353,9 @@ def serve(config_path: Path, socket_path: Path | None = None) -> None:
         format="%(asctime)s outcomebench-site serve %(levelname)s: %(message)s",
     )
     engine = load_engine(config_path)
-    server = AgentServer(engine, socket_path or engine.policy.state_dir / SOCKET_NAME)
+    server = AgentServer(
+        engine, socket_path or engine.policy.state_dir / SOCKET_NAME, socket_group=socket_group
+    )
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
