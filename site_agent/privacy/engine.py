@@ -125,7 +125,7 @@ class ReleaseEngine:
         assert_only_contrib()
         study, pol = req.study, self.policy
         if req.envelope is not None and req.envelope.payload != study.canonical_bytes():
-            raise Refused(ErrorCode.MALFORMED_STUDY, "the signature covers another study")
+            raise Refused(ErrorCode.UNTRUSTED_STUDY, "the signature covers another study")
         if pol.trusted_keys and (
             req.envelope is None or not crypto.trusted(req.envelope, pol.trusted_keys)
         ):
