@@ -34,7 +34,7 @@ from typing import TextIO
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator import crypto
-from coordinator.demo import DemoError, run_demo
+from coordinator.demo import DemoError, run_demo, run_simulation
 from coordinator.estimates import estimate_all
 from coordinator.pooling import Contribution, Rejection, load_release_file, pool, site_keys
 from coordinator.publish import benchmark_document, verify_bundle, write_bundle
@@ -541,6 +541,14 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
         default=180.0,
         help="seconds the ServerApp waits for the sites' replies",
     )
+    parser.add_argument(
+        "--engine",
+        choices=("deployment", "simulation"),
+        default="deployment",
+        help="deployment: real daemons with TLS and node authentication "
+        "(default); simulation: Flower's simulation engine, one virtual node "
+        "per clinic, e.g. --sites 200",
+    )
 
 
 def _demo_run(args: argparse.Namespace, stdout: TextIO) -> ExitCode:
@@ -554,7 +562,8 @@ def _demo_run(args: argparse.Namespace, stdout: TextIO) -> ExitCode:
     out.mkdir(parents=True, exist_ok=True)
     (out / _DEMO_MARKER).write_text("created by outcomebench-coordinator demo\n")
     try:
-        result = run_demo(
+        run = run_simulation if args.engine == "simulation" else run_demo
+        result = run(
             out.resolve(), n_sites=args.sites, seed=args.seed, timeout=args.timeout, log=stdout
         )
     except DemoError as exc:

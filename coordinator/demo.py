@@ -17,7 +17,7 @@ from coordinator.pki import NETWORK_KEY, NETWORK_PUB, SITE_KEYS_DIR
 from coordinator.publish import verify_bundle
 from coordinator.synth import synthesize
 
-__all__ = ["DemoError", "DemoResult", "app_dir", "run_demo"]
+__all__ = ["DemoError", "DemoResult", "app_dir", "run_demo", "run_simulation", "simulation_app_dir"]
 
 FAMILIES = ["counts", "change", "categories", "trajectory", "histogram"]
 
@@ -45,10 +45,12 @@ def app_dir() -> Path:
     )
 
 
-def prepare_sites(root: Path, n_sites: int, seed: int, rho: float = 0.25) -> list[Path]:
+def prepare_sites(
+    root: Path, n_sites: int, seed: int, rho: float = 0.25, clients: tuple[int, int] = (400, 3000)
+) -> list[Path]:
     """Synthetic clinics, each with a privacy policy allowing the demo study."""
     configs = []
-    for site in synthesize(n_sites, root / "sites", seed=seed, clients_range=(400, 3000)):
+    for site in synthesize(n_sites, root / "sites", seed=seed, clients_range=clients):
         doc = yaml.safe_load(site.config_path.read_text())
         doc["privacy_policy"] = "privacy.yaml"
         site.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -135,10 +137,16 @@ def run_demo(root: Path, *, n_sites: int, seed: int, timeout: float, log: TextIO
     finally:
         net.stop()
         print("stopped every process the demo started", file=log)
+    return _finish(outcome, bundle, net.root / "pki" / NETWORK_PUB, net, log)
+
+
+def _finish(
+    outcome: RunOutcome, bundle: Path, network_pub: Path, net: LocalNetwork, log: TextIO
+) -> DemoResult:
     record = outcome.round
     print(
-        f"run {outcome.run_id}: {outcome.status} in {outcome.seconds:.1f} s; contributed: "
-        f"{', '.join(record.get('contributed', [])) or 'none'}",
+        f"run {outcome.run_id}: {outcome.status} in {outcome.seconds:.1f} s; "
+        f"{len(record.get('contributed', []))} site(s) contributed",
         file=log,
     )
     for missing in record.get("missing", []):
@@ -147,7 +155,66 @@ def run_demo(root: Path, *, n_sites: int, seed: int, timeout: float, log: TextIO
         raise DemoError(
             f"the study did not complete (status {outcome.status}); logs in {net.root / 'logs'}"
         )
-    problems = verify_bundle(bundle, crypto.load_public(net.root / "pki" / NETWORK_PUB))
+    problems = verify_bundle(bundle, crypto.load_public(network_pub))
     if problems:
         raise DemoError("the bundle does not verify: " + "; ".join(problems))
     return DemoResult(bundle=bundle, outcome=outcome)
+
+
+def simulation_app_dir(root: Path) -> Path:
+    """A Flower app for the simulation engine: our ServerApp with the simulation
+    ClientApp (installed modules; the FAB holds only this pyproject)."""
+    app = root / "simulation-app"
+    app.mkdir(parents=True, exist_ok=True)
+    (app / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n\n'
+        '[project]\nname = "outcomebench-simulation"\nversion = "0.1.0"\n\n'
+        '[tool.flwr.app]\npublisher = "outcomebench"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "coordinator.app:app"\n'
+        'clientapp = "site_agent.simulated:app"\n\n'
+        '[tool.flwr.app.config]\nstudy = ""\nkeys = ""\nout = ""\nsigning-key = ""\n'
+        'timeout = 600.0\nwait-for-nodes = 0\nwait-timeout = 60.0\nsim-sites = ""\n'
+    )
+    return app
+
+
+def run_simulation(
+    root: Path, *, n_sites: int, seed: int, timeout: float, log: TextIO
+) -> DemoResult:
+    """The same study on Flower's simulation engine (one virtual node per clinic)."""
+    print(f"synthesizing {n_sites} clinics in {root / 'sites'}", file=log)
+    configs = prepare_sites(root, n_sites, seed, clients=(30, 300))
+    study = write_study(root, n_sites)
+    keys = root / "keys"
+    pki_dir = root / "pki"
+    crypto.generate_keypair(pki_dir, "network")
+    register_signing_keys(configs, keys)
+    net = LocalNetwork(root=root / "network", sites=configs)
+    bundle = root / "bundle"
+    try:
+        print(
+            f"running study {study.name} on Flower's simulation engine ({n_sites} virtual nodes)",
+            file=log,
+        )
+        net.start_simulation()
+        outcome = net.run_study(
+            simulation_app_dir(root),
+            {
+                "study": str(study),
+                "keys": str(keys),
+                "out": str(bundle),
+                "signing-key": str(pki_dir / NETWORK_KEY),
+                "timeout": timeout,
+                "wait-for-nodes": n_sites,
+                "wait-timeout": 120.0,
+                "sim-sites": str(root / "sites"),
+            },
+            timeout=timeout + 300,
+            federation_config=f"num-supernodes={n_sites}",
+        )
+    except NetworkError as exc:
+        raise DemoError(f"the simulation failed: {exc}") from None
+    finally:
+        net.stop()
+        print("stopped every process the demo started", file=log)
+    return _finish(outcome, bundle, pki_dir / NETWORK_PUB, net, log)

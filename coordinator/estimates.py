@@ -354,8 +354,14 @@ def _trajectory_fit(p: Pooled, sign: float) -> list[dict[str, Any]]:
         beta = cov @ (design.T @ (wt * y))
         if not (np.isfinite(beta).all() and cov[0, 0] > 0 and cov[1, 1] > 0):
             reason = "the noisy session means do not determine a curve"
-            rows.append({"band": band, "sessions_used": len(xs),
-                         "a": suppressed(reason).as_json(), "b": suppressed(reason).as_json()})
+            rows.append(
+                {
+                    "band": band,
+                    "sessions_used": len(xs),
+                    "a": suppressed(reason).as_json(),
+                    "b": suppressed(reason).as_json(),
+                }
+            )
             continue
         rows.append(
             {

@@ -211,6 +211,33 @@ class LocalNetwork:
                 self.flwr(["supernode", "register", str(public), CONNECTION, "--name", site_id])
             self.start_supernode(site_id)
 
+    def start_simulation(self) -> None:
+        """A SuperLink in simulation mode (Flower's simulation engine runs the nodes), on
+        loopback without TLS: it serves this machine only."""
+        link = self._start(
+            "superlink-simulation",
+            [
+                _bin("flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--isolation",
+                "subprocess",
+                "--database",
+                str(self.root / "superlink-simulation.db"),
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+        )
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+        self._wait_port(self.port, link)
+
     def start_agent(self, config: Path) -> None:
         doc = yaml.safe_load(config.read_text())
         site_id = str(doc["site"]["id"])
@@ -277,14 +304,19 @@ class LocalNetwork:
         raise NetworkError(f"fewer than {n} SuperNodes came online within {timeout:g} s")
 
     def run_study(
-        self, app_dir: Path, run_config: Mapping[str, Any], timeout: float = 600.0
+        self,
+        app_dir: Path,
+        run_config: Mapping[str, Any],
+        timeout: float = 600.0,
+        federation_config: str | None = None,
     ) -> RunOutcome:
         """``flwr run`` the app and wait for Flower's real status (``flwr run`` itself
         reports success even when the ServerApp fails)."""
         start = time.monotonic()
         items = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+        extra = ["--federation-config", federation_config] if federation_config else []
         out = self.flwr(
-            ["run", str(app_dir), CONNECTION, "--run-config", items, "--format", "json"]
+            ["run", str(app_dir), CONNECTION, "--run-config", items, "--format", "json", *extra]
         )
         run_id = _run_id(out)
         status = "unknown"
