@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -69,10 +70,12 @@ def prepare_sites(
 
 
 def register_signing_keys(configs: list[Path], keys_dir: Path) -> None:
-    """Each site's release-signing public key, as the network's registry holds it."""
+    """Each site's release-signing public key, as the network's registry holds it (asked of
+    each site with `outcomebench-site pubkey`, a few at a time)."""
     keys_dir.mkdir(parents=True, exist_ok=True)
     site_bin = Path(sys.executable).with_name("outcomebench-site")
-    for config in configs:
+
+    def register(config: Path) -> None:
         site_id = str(yaml.safe_load(config.read_text())["site"]["id"])
         pem = subprocess.run(
             [str(site_bin), "pubkey", "--config", str(config)],
@@ -82,6 +85,9 @@ def register_signing_keys(configs: list[Path], keys_dir: Path) -> None:
             stdin=subprocess.DEVNULL,
         ).stdout
         (keys_dir / f"{site_id}.pub.pem").write_text(pem)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(register, configs))
 
 
 def write_study(root: Path, n_sites: int, rho: float = 0.25) -> Path:
