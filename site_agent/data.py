@@ -7,17 +7,23 @@ left out. Then rows are grouped into episodes (an episode column, or a gap in da
 checked together: duplicate sessions and dates out of session order are quarantined too.
 
 Everything is vectorised (pyarrow compute and numpy); no per-row Python runs on valid
-data, so ten million rows fit on a small machine. Line numbers are the file's physical
-lines (header = line 1) for CSV, and 1-based row numbers for Parquet.
+data, so ten million rows fit on a small machine. Text columns are checked and converted
+once per distinct value, not once per row: an export repeats a few dozen scores and
+session numbers and a few hundred dates millions of times. Exports usually come sorted
+by client and session, so sorting is skipped when the rows are already in order. Line
+numbers are the file's physical lines (header = line 1) for CSV, and 1-based row numbers
+for Parquet.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Mapping
+import functools
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -38,9 +44,12 @@ QUARANTINE_COLUMNS = ("file", "line", "field", "value", "reason", "fix")
 _NO_DATE = np.iinfo(np.int32).min
 _INT_RE = r"^[+-]?[0-9]+(\.0*)?$"
 _NUMBER_RE = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
+_INT64_MAX = int(np.iinfo(np.int64).max)
 
 Int = npt.NDArray[np.int64]
 Bool = npt.NDArray[np.bool_]
+Code = npt.NDArray[np.int32]
+Num = npt.NDArray[np.signedinteger[Any]]  # int32 or int64
 
 
 _G = TypeVar("_G", bound=np.generic)
@@ -98,6 +107,32 @@ class Intake:
         return int(self.quarantine["line"].nunique()) if len(self.quarantine) else 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Written:
+    """A column's values as the quarantine report shows them: ``values[codes[row]]``, or
+    ``values[row]`` without codes."""
+
+    values: pa.Array | pa.ChunkedArray
+    codes: Code | None = None
+
+    def at(self, rows: Int) -> list[str]:
+        """The values of ``rows`` (ascending) as text."""
+        pos = rows if self.codes is None else self.codes[rows]
+        values = self.values
+        if isinstance(values, pa.ChunkedArray):
+            # Chunk by chunk: a take from the chunked column would copy all of it.
+            taken: list[Any] = []
+            start = 0
+            for chunk in values.chunks:
+                end = start + len(chunk)
+                lo, hi = np.searchsorted(pos, [start, end])
+                taken += chunk.take(pa.array(pos[lo:hi] - start)).to_pylist()
+                start = end
+        else:
+            taken = values.take(pa.array(pos)).to_pylist()
+        return ["" if v is None else str(v) for v in taken]
+
+
 class _Problems:
     """Collects quarantine entries column-wise, vectorised per rule."""
 
@@ -107,22 +142,18 @@ class _Problems:
         self.parts: list[pd.DataFrame] = []
         self.bad = np.zeros(lines.shape[0], dtype=bool)
 
-    def add(self, mask: Bool, fld: str, raw: pa.Array | None, reason: str, fix: str) -> None:
-        idx = np.flatnonzero(mask)
-        if idx.size == 0:
+    def add(self, rows: Int, fld: str, written: _Written | None, reason: str, fix: str) -> None:
+        """Quarantine ``rows`` (positions in the table, ascending)."""
+        if rows.size == 0:
             return
-        self.bad[idx] = True
-        if raw is None:
-            values: list[str] = [""] * idx.size
-        else:
-            values = ["" if v is None else str(v) for v in raw.take(pa.array(idx)).to_pylist()]
+        self.bad[rows] = True
         self.parts.append(
             pd.DataFrame(
                 {
                     "file": self.file,
-                    "line": self.lines[idx],
+                    "line": self.lines[rows],
                     "field": fld,
-                    "value": values,
+                    "value": [""] * rows.size if written is None else written.at(rows),
                     "reason": reason,
                     "fix": fix,
                 }
@@ -213,76 +244,246 @@ def _check_columns(path: Path, names: list[str], wanted: Mapping[str, str]) -> N
         )
 
 
-def _text(col: pa.ChunkedArray) -> pa.Array:
-    """A column as trimmed text (Parquet columns may be typed), nulls as empty strings."""
-    arr = col.combine_chunks()
-    if not pa.types.is_string(arr.type) and not pa.types.is_large_string(arr.type):
-        arr = pc.cast(arr, pa.string())
-    return pc.fill_null(pc.utf8_trim_whitespace(arr), "")
+_NO_ROWS: Int = np.zeros(0, dtype=np.int64)
 
 
-def _integers(col: pa.ChunkedArray) -> tuple[Int, Bool, Bool, pa.Array]:
-    """(values, missing, not_integer, raw text) for a column that should hold integers."""
-    arr = col.combine_chunks()
-    if pa.types.is_integer(arr.type):
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    """A column checked and converted once per entry: a distinct value of a text column
+    (``codes`` maps each row to its entry), or each row (no codes)."""
+
+    codes: Code | None
+    value: Num  # 0 where missing or invalid
+    missing: Bool
+    invalid: Bool  # present but not a valid value
+    written: pa.Array | pa.ChunkedArray  # what the report shows for the entry
+
+    def rows(self, *flags: Bool) -> list[Int]:
+        """For each of ``flags`` (one per entry), the rows whose entry it flags."""
+        return _rows(self.codes, *flags)
+
+    def at(self, rows: Int | None = None) -> Num:
+        """The value of ``rows`` (of every row if None)."""
+        if self.codes is None:
+            return self.value if rows is None else self.value[rows]
+        # Gathering int32 instead of int64 halves the memory traffic.
+        fits = self.value.size == 0 or (
+            int(self.value.min()) >= -(2**30) and int(self.value.max()) < 2**30
+        )
+        table = self.value.astype(np.int32) if fits else self.value
+        return table[self.codes if rows is None else self.codes[rows]]
+
+    def outside(self, lo: int, hi: int) -> Bool:
+        """Entries holding a whole number outside lo..hi."""
+        v = self.value
+        if v.size == 0 or (int(v.min()) >= lo and int(v.max()) <= hi):
+            return np.zeros(v.size, dtype=bool)  # the usual case, without temporaries
+        return ~self.missing & ~self.invalid & ((v < lo) | (v > hi))
+
+    def report(self) -> _Written:
+        return _Written(self.written, self.codes)
+
+
+def _rows(codes: Code | None, *flags: Bool) -> list[Int]:
+    """For each of ``flags`` (one per entry; ``codes`` maps rows to entries, or None when
+    each row is its own entry), the rows whose entry it flags, ascending. The rows are
+    scanned once for all the flags."""
+    raised = [f for f in flags if f.any()]
+    if not raised:
+        return [_NO_ROWS] * len(flags)
+    either = functools.reduce(np.logical_or, raised)
+    rows = np.flatnonzero(either if codes is None else either[codes])
+    entries = rows if codes is None else codes[rows]
+    return [rows[f[entries]] for f in flags]
+
+
+def _as_text(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A column as text, nulls as empty strings (Parquet columns may be typed)."""
+    if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+        col = pc.cast(col, pa.string())
+    return pc.fill_null(col, "") if col.null_count else col
+
+
+def _distinct(col: pa.ChunkedArray) -> tuple[Code, pa.Array]:
+    """(code of each row, the distinct values trimmed) of a column read as text."""
+    enc = pc.dictionary_encode(_as_text(col))
+    if enc.num_chunks == 0:
+        return np.zeros(0, dtype=np.int32), pa.array([], pa.string())
+    # Every chunk of the result shares one dictionary.
+    codes = np.concatenate([c.indices.to_numpy() for c in enc.chunks])
+    return codes, pc.utf8_trim_whitespace(enc.chunk(0).dictionary)
+
+
+def _ids(col: pa.ChunkedArray) -> tuple[Code, pa.Array]:
+    """(code of each row, the distinct values trimmed) of a column of identifiers. Codes
+    number the trimmed values in order of first appearance.
+
+    Client and episode ids and instruments come in runs of rows (exports list a client's
+    rows together): a run needs one dictionary look-up, and none at all if the runs are
+    sorted, as they are in exports sorted by client.
+    """
+    runs = pc.run_end_encode(_as_text(col), run_end_type=pa.int64()).chunks
+    if not runs:
+        return np.zeros(0, dtype=np.int32), pa.array([], pa.string())
+    values = pa.concat_arrays([r.values for r in runs])
+    lengths = np.concatenate([np.diff(r.run_ends.to_numpy(), prepend=0) for r in runs])
+    if len(values) < 2 or pc.all(pc.less_equal(values[:-1], values[1:])).as_py():
+        # Equal neighbours are one value running on from one chunk into the next.
+        first = np.ones(len(values), dtype=bool)
+        first[1:] = pc.not_equal(values[:-1], values[1:]).to_numpy(zero_copy_only=False)
+        run_codes = np.cumsum(first, dtype=np.int32) - 1
+        values = values.filter(pa.array(first))
+    else:
+        enc = pc.dictionary_encode(values)
+        run_codes, values = enc.indices.to_numpy(), enc.dictionary
+    codes = np.repeat(run_codes, lengths)
+    trimmed = pc.utf8_trim_whitespace(values)
+    if not trimmed.equals(values):
+        # Values that differ only in surrounding whitespace share a code. Encoding the
+        # dictionary in its own order keeps codes in order of first appearance.
+        again = pc.dictionary_encode(trimmed)
+        codes = again.indices.to_numpy()[codes]
+        trimmed = again.dictionary
+    return codes, trimmed
+
+
+def _client_ids(col: pa.ChunkedArray) -> tuple[Code, pa.Array, tuple[str, ...]]:
+    codes, text = _ids(col)
+    # Made here, in parallel with the other columns: a million ids take a while.
+    return codes, text, tuple(text.to_pylist())
+
+
+def _integers(col: pa.ChunkedArray) -> _Parsed:
+    """A column that should hold integers."""
+    if pa.types.is_integer(col.type):
+        arr = col.combine_chunks()
         missing = arr.is_null().to_numpy(zero_copy_only=False)
         values = pc.fill_null(arr, 0).to_numpy(zero_copy_only=False).astype(np.int64)
-        return values, missing, np.zeros_like(missing), arr
-    if pa.types.is_floating(arr.type):
+        return _Parsed(None, values, missing, np.zeros_like(missing), arr)
+    if pa.types.is_floating(col.type):
+        arr = col.combine_chunks()
         f = pc.fill_null(arr, np.nan).to_numpy(zero_copy_only=False)
         missing = np.isnan(f)
         not_int = ~missing & ((f != np.round(f)) | ~np.isfinite(f) | (np.abs(f) > 2**31))
         values = np.where(missing | not_int, 0, f).astype(np.int64)
-        return values, missing, not_int, arr
-    text = _text(col)
+        return _Parsed(None, values, missing, not_int, arr)
+    width = _digits_only(col)
+    if width is not None:
+        # Nothing to trim, match or strip: cast the rows, skipping the dictionary.
+        by_row: Num = np.empty(len(col), dtype=np.int32 if width <= 9 else np.int64)
+        start = 0
+        for chunk in col.chunks:
+            cast = pc.cast(chunk, pa.from_numpy_dtype(by_row.dtype))
+            by_row[start : start + len(chunk)] = cast.to_numpy()
+            start += len(chunk)
+        none = np.zeros(len(col), dtype=bool)
+        return _Parsed(None, by_row, none, none, col)
+    codes, text = _distinct(col)
     missing = pc.equal(text, "").to_numpy(zero_copy_only=False)
     is_int = pc.match_substring_regex(text, _INT_RE).to_numpy(zero_copy_only=False)
     digits = pc.utf8_length(text).to_numpy(zero_copy_only=False) <= 12
     ok = is_int & digits
-    not_int = ~missing & ~ok
-    if ok.all():
-        values = pc.cast(pc.replace_substring_regex(text, r"\.0*$", ""), pa.int64())
-    else:
-        cleaned = pc.if_else(pa.array(ok), text, pa.scalar("0"))
-        values = pc.cast(pc.replace_substring_regex(cleaned, r"\.0*$", ""), pa.int64())
-    return values.to_numpy(zero_copy_only=False).astype(np.int64), missing, not_int, text
+    cleaned = pc.if_else(pa.array(ok), text, pa.scalar("0"))
+    values = pc.cast(pc.replace_substring_regex(cleaned, r"\.0*$", ""), pa.int64())
+    return _Parsed(codes, values.to_numpy().astype(np.int64), missing, ~missing & ~ok, text)
 
 
-def _dates(col: pa.ChunkedArray, fmt: str) -> tuple[Int, Bool, Bool, pa.Array]:
-    """(days since epoch, missing, unparseable, raw text)."""
-    arr = col.combine_chunks()
-    if pa.types.is_date(arr.type) or pa.types.is_timestamp(arr.type):
+def _digits_only(col: pa.ChunkedArray) -> int | None:
+    """The longest value's length if every value is 1 to 12 ASCII digits, as in most
+    exports, else None. Checked on the raw bytes: several times faster than a kernel."""
+    if col.null_count or not pa.types.is_string(col.type) or len(col) == 0:
+        return None
+    width = 0
+    for chunk in col.chunks:
+        if len(chunk) == 0:
+            continue
+        _, offsets, data = chunk.buffers()
+        ends = np.frombuffer(offsets, dtype=np.int32)[chunk.offset : chunk.offset + len(chunk) + 1]
+        lengths = np.diff(ends)
+        if lengths.min() < 1 or lengths.max() > 12:
+            return None
+        text = np.frombuffer(data, dtype=np.uint8)[ends[0] : ends[-1]]
+        if (text - np.uint8(ord("0")) > 9).any():  # below "0" wraps around to > 9
+            return None
+        width = max(width, int(lengths.max()))
+    return width
+
+
+def _dates(col: pa.ChunkedArray, fmt: str) -> _Parsed:
+    """A column of dates, as days since 1970-01-01."""
+    if pa.types.is_date(col.type) or pa.types.is_timestamp(col.type):
+        arr = col.combine_chunks()
         missing = arr.is_null().to_numpy(zero_copy_only=False)
         days = pc.cast(pc.cast(arr, pa.date32()), pa.int32())
         values = pc.fill_null(days, 0).to_numpy(zero_copy_only=False).astype(np.int64)
-        return values, missing, np.zeros_like(missing), arr
-    text = _text(col)
+        return _Parsed(None, values, missing, np.zeros_like(missing), arr)
+    codes, text = _distinct(col)
     missing = pc.equal(text, "").to_numpy(zero_copy_only=False)
-    # Exports repeat few distinct dates, so parse each distinct text once. strptime
-    # rolls impossible dates over (2026-02-31 -> 2026-03-03): a date is valid only if
-    # it prints back as written (leading zeros aside).
-    enc = pc.dictionary_encode(text)
-    distinct = enc.dictionary
-    parsed = pc.strptime(distinct, format=fmt, unit="s", error_is_null=True)
+    # strptime rolls impossible dates over (2026-02-31 -> 2026-03-03): a date is valid
+    # only if it prints back as written (leading zeros aside).
+    parsed = pc.strptime(text, format=fmt, unit="s", error_is_null=True)
     back = pc.strftime(parsed, format=fmt)
-    same = pc.equal(_strip_zeros(back), _strip_zeros(distinct))
+    same = pc.equal(_strip_zeros(back), _strip_zeros(text))
     parsed = pc.if_else(pc.fill_null(same, False), parsed, pa.nulls(len(parsed), parsed.type))
-    days = pc.cast(pc.cast(parsed, pa.date32()), pa.int32()).take(enc.indices)
+    days = pc.cast(pc.cast(parsed, pa.date32()), pa.int32())
     bad = days.is_null().to_numpy(zero_copy_only=False) & ~missing
     values = pc.fill_null(days, 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    return values, missing, bad, text
+    return _Parsed(codes, values, missing, bad, text)
 
 
 def _strip_zeros(text: pa.Array) -> pa.Array:
     return pc.replace_substring_regex(text, r"(^|[^0-9])0+([0-9])", r"\1\2")
 
 
-def _encode(text: pa.Array) -> tuple[npt.NDArray[np.int32], list[str]]:
-    enc = pc.dictionary_encode(text)
-    return (
-        enc.indices.to_numpy(zero_copy_only=False).astype(np.int32),
-        [str(v) for v in enc.dictionary.to_pylist()],
+@dataclass(frozen=True, slots=True)
+class _Columns:
+    """The mapped columns, parsed; text columns as (code of each row, trimmed values)."""
+
+    client: tuple[Code, pa.Array, tuple[str, ...]]  # and the ids as Python strings
+    instrument: tuple[Code, pa.Array] | None
+    episode: tuple[Code, pa.Array] | None
+    score: _Parsed
+    session: _Parsed | None
+    date: _Parsed | None
+
+
+def _parse(table: pa.Table, src: DataSource) -> _Columns:
+    cols = src.columns
+    # The columns are independent and pyarrow compute releases the GIL, so they are
+    # parsed in parallel, the slowest first.
+    with ThreadPoolExecutor(max_workers=max(1, pa.cpu_count())) as pool:
+        client = pool.submit(_client_ids, table.column(cols.client_id))
+        episode = (
+            pool.submit(_ids, table.column(cols.episode_id))
+            if cols.episode_id is not None
+            else None
+        )
+        date = (
+            pool.submit(_dates, table.column(cols.date), src.date_format)
+            if cols.date is not None
+            else None
+        )
+        score = pool.submit(_integers, table.column(cols.score))
+        session = (
+            pool.submit(_integers, table.column(cols.session)) if cols.session is not None else None
+        )
+        instrument = (
+            pool.submit(_ids, table.column(cols.instrument))
+            if cols.instrument is not None
+            else None
+        )
+    return _Columns(
+        client=client.result(),
+        instrument=instrument.result() if instrument is not None else None,
+        episode=episode.result() if episode is not None else None,
+        score=score.result(),
+        session=session.result() if session is not None else None,
+        date=date.result() if date is not None else None,
     )
+
+
+def _empty(text: pa.Array) -> Bool:
+    return np.asarray(pc.equal(text, "").to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def read_intake(src: DataSource, instruments: Mapping[str, Instrument]) -> Intake:
@@ -306,10 +507,17 @@ def read_intake(src: DataSource, instruments: Mapping[str, Instrument]) -> Intak
                 }
             )
         )
+    parsed = _parse(table, src)
+    # The report shows instruments, and sessions and dates of duplicate or out-of-order
+    # rows, as written; the other columns are no longer needed.
+    raw_ins = _Written(table.column(cols.instrument)) if cols.instrument else None
+    raw_session = _Written(table.column(cols.session)) if cols.session else None
+    raw_date = _Written(table.column(cols.date)) if cols.date else None
+    del table
 
-    client_text = _text(table.column(cols.client_id))
+    client_code, client_text, client_ids = parsed.client
     q.add(
-        pc.equal(client_text, "").to_numpy(zero_copy_only=False),
+        _rows(client_code, _empty(client_text))[0],
         "client_id",
         None,
         "missing client id",
@@ -317,24 +525,23 @@ def read_intake(src: DataSource, instruments: Mapping[str, Instrument]) -> Intak
     )
 
     # Instruments: a constant, or a column mapped to known instrument ids.
-    if cols.instrument is None:
+    if parsed.instrument is None or raw_ins is None:
         ins_ids: list[str] = [str(src.instrument)]
         ins_code = np.zeros(n, dtype=np.int16)
     else:
-        codes, names = _encode(_text(table.column(cols.instrument)))
-        known = [nm for nm in names if nm in instruments]
-        remap = np.array(
-            [known.index(nm) if nm in instruments else -1 for nm in names] or [-1], dtype=np.int16
-        )
-        ins_code = remap[codes] if n else np.zeros(0, dtype=np.int16)
-        ins_ids = known
-        raw_ins = table.column(cols.instrument).combine_chunks()
-        for code, nm in enumerate(names):
-            if nm in instruments:
-                continue
-            mask = codes == code
+        codes, names_text = parsed.instrument
+        names = [str(v) for v in names_text.to_pylist()]
+        ins_ids = [nm for nm in names if nm in instruments]
+        position = {nm: i for i, nm in enumerate(ins_ids)}
+        remap = np.array([position.get(nm, -1) for nm in names], dtype=np.int16)
+        ins_code = remap[codes]
+        (unknown,) = _rows(codes, remap < 0)
+        by_name = np.argsort(codes[unknown], kind="stable")
+        starts = np.flatnonzero(np.diff(codes[unknown][by_name])) + 1
+        for rows in np.split(unknown[by_name], starts) if unknown.size else []:
+            nm = names[codes[rows[0]]]
             q.add(
-                mask,
+                rows,
                 "instrument",
                 raw_ins,
                 "missing instrument" if nm == "" else f"unknown instrument {nm!r}",
@@ -343,103 +550,108 @@ def read_intake(src: DataSource, instruments: Mapping[str, Instrument]) -> Intak
                 if nm
                 else f"fill in column '{cols.instrument}'",
             )
-    ins_ok = ins_code >= 0
 
-    score, s_missing, s_notint, s_raw = _integers(table.column(cols.score))
+    score = parsed.score
+    lo = np.array([instruments[i].lo for i in ins_ids], dtype=np.int64)
+    hi = np.array([instruments[i].hi for i in ins_ids], dtype=np.int64)
+    # Only a score outside the range every instrument allows needs its row's instrument.
+    outside = (
+        score.outside(int(lo.max()), int(hi.min()))
+        if ins_ids
+        else np.zeros(score.value.size, dtype=bool)
+    )
+    missing, not_whole, suspect = score.rows(score.missing, score.invalid, outside)
     q.add(
-        s_missing,
+        missing,
         "score",
-        s_raw,
+        score.report(),
         "missing score",
         f"fill in column '{cols.score}' or delete the row",
     )
     q.add(
-        s_notint,
+        not_whole,
         "score",
-        s_raw,
+        score.report(),
         "score is not a whole number",
         "scores are instrument totals in whole points; correct the value",
     )
     if ins_ids:
-        lo = np.array([instruments[i].lo for i in ins_ids], dtype=np.int64)
-        hi = np.array([instruments[i].hi for i in ins_ids], dtype=np.int64)
-        safe = np.where(ins_ok, ins_code, 0)
-        out_of_range = ins_ok & ~s_missing & ~s_notint & ((score < lo[safe]) | (score > hi[safe]))
-        for code, ins_id in enumerate(ins_ids):
+        code = ins_code[suspect]
+        safe = np.where(code >= 0, code, 0)
+        value = score.at(suspect)
+        out = suspect[(code >= 0) & ((value < lo[safe]) | (value > hi[safe]))]
+        for c, ins_id in enumerate(ins_ids):
             ins = instruments[ins_id]
             q.add(
-                out_of_range & (ins_code == code),
+                out[ins_code[out] == c],
                 "score",
-                s_raw,
+                score.report(),
                 f"score out of the {ins_id} range {ins.lo}-{ins.hi}",
                 f"correct the value; {ins_id} totals run from {ins.lo} to {ins.hi}",
             )
 
-    if cols.session is not None:
-        session, ss_missing, ss_notint, ss_raw = _integers(table.column(cols.session))
+    session = parsed.session
+    if session is not None:
+        missing, bad = session.rows(session.missing, session.invalid | session.outside(1, 10_000))
         q.add(
-            ss_missing,
+            missing,
             "session",
-            ss_raw,
+            session.report(),
             "missing session number",
             f"fill in column '{cols.session}'",
         )
         q.add(
-            ss_notint | (~ss_missing & ~ss_notint & ((session < 1) | (session > 10_000))),
+            bad,
             "session",
-            ss_raw,
+            session.report(),
             "session number is not a whole number from 1",
             "session numbers count attended sessions: 1, 2, 3, ...",
         )
-    else:
-        session = np.zeros(n, dtype=np.int64)
 
-    if cols.date is not None:
-        date, d_missing, d_bad, d_raw = _dates(table.column(cols.date), src.date_format)
-        q.add(d_missing, "date", d_raw, "missing date", f"fill in column '{cols.date}'")
+    date = parsed.date
+    if date is not None:
+        missing, bad = date.rows(date.missing, date.invalid)
         q.add(
-            d_bad,
+            missing,
             "date",
-            d_raw,
+            date.report(),
+            "missing date",
+            f"fill in column '{cols.date}'",
+        )
+        q.add(
+            bad,
+            "date",
+            date.report(),
             f"date does not match the format {src.date_format!r}",
             "correct the date, or set data.date_format in site.yaml (e.g. '%d/%m/%Y')",
         )
-    else:
-        date = np.full(n, _NO_DATE, dtype=np.int64)
 
-    if cols.episode_id is not None:
-        ep_text = _text(table.column(cols.episode_id))
+    ep_code: Code | None = None
+    if parsed.episode is not None:
+        ep_code, ep_text = parsed.episode
         q.add(
-            pc.equal(ep_text, "").to_numpy(zero_copy_only=False),
+            _rows(ep_code, _empty(ep_text))[0],
             "episode_id",
             None,
             "missing episode id",
             f"fill in column '{cols.episode_id}'",
         )
-        ep_code, _ = _encode(ep_text)
-    else:
-        ep_code = np.zeros(n, dtype=np.int32)
 
-    client_code, client_ids = _encode(client_text)
-    keep = ~q.bad
-    idx = np.flatnonzero(keep)
     records = _group(
-        ins_ids=tuple(ins_ids),
-        client_ids=tuple(client_ids),
-        idx=idx,
-        ins=ins_code[idx].astype(np.int64),
-        client=client_code[idx].astype(np.int64),
-        ep=ep_code[idx].astype(np.int64),
-        session=session[idx],
-        score=score[idx],
-        date=date[idx],
-        src=src,
-        q=q,
-        lines=lines,
-        raw=(
-            table.column(cols.session).combine_chunks() if cols.session else None,
-            table.column(cols.date).combine_chunks() if cols.date else None,
+        _Valid(
+            rows=np.flatnonzero(~q.bad) if q.bad.any() else None,
+            ins=ins_code,
+            client=client_code,
+            ep=ep_code,
+            session=session,
+            date=date,
+            score=score,
         ),
+        ins_ids=tuple(ins_ids),
+        client_ids=client_ids,
+        gap_days=src.episode_gap_days,
+        q=q,
+        written=(raw_session, raw_date),
     )
     quarantine = q.frame()
     reasons = quarantine["reason"].value_counts().to_dict() if len(quarantine) else {}
@@ -452,146 +664,274 @@ def read_intake(src: DataSource, instruments: Mapping[str, Instrument]) -> Intak
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Valid:
+    """The rows that passed the row checks (None: all of them), and each row's parsed
+    columns (indexed by table row)."""
+
+    rows: Int | None
+    ins: npt.NDArray[np.int16]
+    client: Code
+    ep: Code | None
+    session: _Parsed | None
+    date: _Parsed | None
+    score: _Parsed
+
+
 def _group(
+    v: _Valid,
     *,
     ins_ids: tuple[str, ...],
     client_ids: tuple[str, ...],
-    idx: Int,
-    ins: Int,
-    client: Int,
-    ep: Int,
-    session: Int,
-    score: Int,
-    date: Int,
-    src: DataSource,
+    gap_days: int,
     q: _Problems,
-    lines: Int,
-    raw: tuple[pa.Array | None, pa.Array | None],
+    written: tuple[_Written | None, _Written | None],
 ) -> Records:
     """Sort valid rows into episodes; quarantine duplicate sessions and out-of-order dates."""
-    cols = src.columns
-    by_gap = cols.episode_id is None and cols.date is not None
-    # First order: within a client and instrument, by episode id, or by date when
-    # episodes come from gaps in dates.
-    order = (
-        np.lexsort((session, date, ep, client, ins))
-        if by_gap
-        else np.lexsort((date, session, ep, client, ins))
-    )
-    ins, client, ep, session, score, date, idx = (
-        a[order] for a in (ins, client, ep, session, score, date, idx)
-    )
-    new = np.ones(idx.size, dtype=bool)
-    if idx.size:
-        new[1:] = (np.diff(ins) != 0) | (np.diff(client) != 0) | (np.diff(ep) != 0)
-        if by_gap:
-            new[1:] |= np.diff(date) > src.episode_gap_days
-    episode = np.cumsum(new) - 1
-    if cols.session is None:
+    by_gap = v.ep is None and v.date is not None
+    # ``rows`` is the table row of each valid row in the current order (None: every row,
+    # in table order). Only the sort keys are gathered for the valid rows; the other
+    # columns are gathered once, at the end.
+    rows = v.rows
+    ident: list[Num] = [_pick(v.client, rows)]
+    if len(ins_ids) > 1:  # valid rows have a known instrument: with one, all the same
+        ident.insert(0, _pick(v.ins, rows))
+    if v.ep is not None:
+        ident.append(_pick(v.ep, rows))
+    group = ident[0] if len(ident) == 1 else _radix(ident)
+    if group is None:
+        group = _rank(ident)
+    date = v.date.at(rows) if v.date is not None else None
+    session = v.session.at(rows) if v.session is not None else None
+    m = group.size
+
+    # First order: within a client and instrument, by episode id, or by date when episodes
+    # come from gaps in dates.
+    first = (group, date, session) if by_gap else (group, session, date)
+    order = _order([k for k in first if k is not None])
+    if order is not None:
+        rows = order(np.arange(m) if rows is None else rows)
+        group = order(group) if order.at is None else group  # sorted within groups: as is
+        date = order(date) if date is not None else None
+        session = order(session) if session is not None else None
+    new = np.ones(m, dtype=bool)
+    np.not_equal(group[1:], group[:-1], out=new[1:])
+    del group
+    if by_gap and date is not None:
+        new[1:] |= np.diff(date) > gap_days
+    same_ep = ~new
+    episode = np.cumsum(new, dtype=np.int64)
+    episode -= 1
+    if session is None:
         # Session numbers from the order of distinct dates within the episode; two
         # scores on one day share a session number and are caught as duplicates below.
         new_day = new.copy()
-        new_day[1:] |= date[1:] != date[:-1]
+        if date is not None:
+            new_day[1:] |= date[1:] != date[:-1]
         day_rank = np.cumsum(new_day)
         session = day_rank - day_rank[np.flatnonzero(new)][episode] + 1
-    # Second order: by session within each episode.
-    order = np.lexsort((date, session, episode))
-    ins, client, episode, session, score, date, idx = (
-        a[order] for a in (ins, client, episode, session, score, date, idx)
-    )
+    elif by_gap and date is not None and not np.all(new[1:] | (session[1:] >= session[:-1])):
+        # Second order: by session within each episode. Only needed here: otherwise the
+        # first order already sorts each episode by session, then date (sessions from
+        # dates follow the dates). Sorting by episode first leaves ``episode`` as is.
+        order = _order([episode, session, date])
+        if order is not None:
+            rows = order(np.arange(m) if rows is None else rows)
+            session, date = order(session), order(date)
 
-    bad = np.zeros(idx.size, dtype=bool)
-    if idx.size:
-        same_ep = np.zeros(idx.size, dtype=bool)
-        same_ep[1:] = episode[1:] == episode[:-1]
-        key_same = same_ep.copy()
-        key_same[1:] &= session[1:] == session[:-1]
-        # Runs of rows sharing an episode and session.
-        run = np.cumsum(~key_same) - 1
-        size = np.bincount(run)
-        in_dup = size[run] > 1
-        if in_dup.any():
-            starts = np.flatnonzero(~key_same)
-            smin = np.minimum.reduceat(score, starts)[run]
-            smax = np.maximum.reduceat(score, starts)[run]
-            dmin = np.minimum.reduceat(date, starts)[run]
-            dmax = np.maximum.reduceat(date, starts)[run]
-            exact = in_dup & (smin == smax) & (dmin == dmax)
-            extra_copy = exact & key_same
-            conflicting = in_dup & ~exact
-            what = "date" if cols.session is None else "session"
-            _flag(
-                q,
-                idx,
-                extra_copy,
-                what,
-                raw,
-                "exact duplicate of an earlier row",
-                "none needed: the first copy is used; remove repeated rows from the export",
-            )
-            _flag(
-                q,
-                idx,
-                conflicting,
-                what,
-                raw,
-                f"duplicate {what} with conflicting scores",
-                f"keep one row per client, episode and {what}; all copies were left out",
-            )
-            bad |= extra_copy | conflicting
-        if cols.session is not None and cols.date is not None:
-            # A later session dated before an earlier one of the same episode.
-            rel = date - date.min()
-            combined = episode * (int(rel.max()) + 1) + rel
+    bad = np.zeros(m, dtype=bool)
+    what = "session" if v.session is not None else "date"
+    # Rows sharing an episode and session with the row before.
+    again = same_ep.copy()
+    again[1:] &= session[1:] == session[:-1]
+    in_dup = again.copy()
+    in_dup[:-1] |= again[1:]
+    if in_dup.any():
+        dup = np.flatnonzero(in_dup)  # runs of rows sharing an episode and session
+        first_of_run = ~again[dup]
+        starts = np.flatnonzero(first_of_run)
+        run = np.cumsum(first_of_run) - 1
+        s = v.score.at(_table_rows(dup, rows))
+        exact = np.minimum.reduceat(s, starts) == np.maximum.reduceat(s, starts)
+        if date is not None:
+            d = date[dup]
+            exact &= np.minimum.reduceat(d, starts) == np.maximum.reduceat(d, starts)
+        extra_copy = dup[exact[run] & ~first_of_run]
+        conflicting = dup[~exact[run]]
+        _flag(
+            q,
+            _table_rows(extra_copy, rows),
+            what,
+            written,
+            "exact duplicate of an earlier row",
+            "none needed: the first copy is used; remove repeated rows from the export",
+        )
+        _flag(
+            q,
+            _table_rows(conflicting, rows),
+            what,
+            written,
+            f"duplicate {what} with conflicting scores",
+            f"keep one row per client, episode and {what}; all copies were left out",
+        )
+        bad[extra_copy] = True
+        bad[conflicting] = True
+    if v.session is not None and date is not None:
+        # A later session dated before an earlier one of the same episode. Only episodes
+        # whose dates go down somewhere can hold one.
+        down = np.flatnonzero(same_ep[1:] & (date[1:] < date[:-1])) + 1
+        if down.size:
+            at = _blocks(episode, episode[down])
+            rel = date[at] - np.int64(date[at].min())
+            combined = episode[at] * (int(rel.max()) + 1) + rel
             prior_max = np.maximum.accumulate(combined)
-            out_of_order = np.zeros(idx.size, dtype=bool)
-            out_of_order[1:] = same_ep[1:] & (combined[1:] < prior_max[:-1]) & ~bad[1:]
+            late = np.zeros(at.size, dtype=bool)
+            late[1:] = same_ep[at[1:]] & (combined[1:] < prior_max[:-1]) & ~bad[at[1:]]
+            out_of_order = at[late]
             _flag(
                 q,
-                idx,
-                out_of_order,
+                _table_rows(out_of_order, rows),
                 "date",
-                raw,
+                written,
                 "dated before an earlier session of the same episode",
                 "correct the date or the session number",
             )
-            bad |= out_of_order
+            bad[out_of_order] = True
 
-    keep = ~bad
-    ins, client, episode, session, score, date, idx = (
-        a[keep] for a in (ins, client, episode, session, score, date, idx)
-    )
-    if idx.size:  # renumber episodes 0..E-1 after removals
-        start = np.ones(idx.size, dtype=bool)
-        start[1:] = episode[1:] != episode[:-1]
-        episode = np.cumsum(start) - 1
-    if cols.date is None:
-        date = np.full(idx.size, _NO_DATE, dtype=np.int64)
+    if bad.any():
+        keep = ~bad
+        rows = np.flatnonzero(keep) if rows is None else rows[keep]
+        episode, session = episode[keep], session[keep]
+        date = date[keep] if date is not None else None
+        start = np.ones(rows.size, dtype=bool)  # renumber episodes 0..E-1 after removals
+        np.not_equal(episode[1:], episode[:-1], out=start[1:])
+        np.cumsum(start, out=episode)
+        episode -= 1
     return Records(
         instrument_ids=ins_ids,
         client_ids=client_ids,
-        instrument=_frozen(ins.astype(np.int16)),
-        client=_frozen(client.astype(np.int32)),
-        episode=_frozen(episode.astype(np.int64)),
-        session=_frozen(session.astype(np.int32)),
-        score=_frozen(score.astype(np.int32)),
-        date=_frozen(date.astype(np.int32)),
-        line=_frozen(lines[idx]),
+        instrument=_frozen(_pick(v.ins, rows)),
+        client=_frozen(_pick(v.client, rows)),
+        episode=_frozen(episode),
+        session=_frozen(session.astype(np.int32, copy=False)),
+        score=_frozen(v.score.at(rows).astype(np.int32, copy=False)),
+        date=_frozen(
+            date.astype(np.int32, copy=False)
+            if date is not None
+            else np.full(episode.size, _NO_DATE, dtype=np.int32)
+        ),
+        line=_frozen(_pick(q.lines, rows)),
     )
 
 
 def _flag(
     q: _Problems,
-    idx: Int,
-    mask: Bool,
+    rows: Int,
     fld: str,
-    raw: tuple[pa.Array | None, pa.Array | None],
+    written: tuple[_Written | None, _Written | None],
     reason: str,
     fix: str,
 ) -> None:
-    rows = idx[mask]
-    if rows.size == 0:
-        return
-    full = np.zeros(q.bad.shape[0], dtype=bool)
-    full[rows] = True
-    q.add(full, fld, raw[0] if fld == "session" else raw[1], reason, fix)
+    q.add(np.sort(rows), fld, written[0] if fld == "session" else written[1], reason, fix)
+
+
+def _pick(a: npt.NDArray[_G], rows: Int | None) -> npt.NDArray[_G]:
+    """``a[rows]``, or ``a`` itself for all rows in order."""
+    return a if rows is None else a[rows]
+
+
+def _table_rows(positions: Int, rows: Int | None) -> Int:
+    """The table rows at ``positions`` of the current order."""
+    return positions if rows is None else rows[positions]
+
+
+@dataclass(frozen=True, slots=True)
+class _Reorder:
+    """A reordering of rows: position ``at[k]`` gets the row from ``at[order[k]]`` (``at``
+    None: every position), the other rows stay where they are."""
+
+    at: Int | None
+    order: Int
+
+    def __call__(self, a: npt.NDArray[_G]) -> npt.NDArray[_G]:
+        if self.at is None:
+            return a[self.order]
+        out = a.copy()
+        out[self.at] = a[self.at[self.order]]
+        return out
+
+
+def _order(parts: Sequence[Num]) -> _Reorder | None:
+    """How to put the rows in stable order by the parts (most significant first), or None
+    if they are in order already, as exports listed by client and session are. When only
+    rows sharing a first part are out of order among themselves (a misdated or repeated
+    row), only their blocks are sorted."""
+    down = _descents(parts)
+    if down.size == 0:
+        return None
+    first = parts[0]
+    if (first[down] < first[down - 1]).any():
+        return _Reorder(None, _stable_sort(parts))
+    at = _blocks(first, first[down])
+    return _Reorder(at, _stable_sort([p[at] for p in parts]))
+
+
+def _descents(parts: Sequence[Num]) -> Int:
+    """The positions of rows that sort before the row above them."""
+    down = np.zeros(max(parts[0].size - 1, 0), dtype=bool)
+    tie: Bool | None = None  # rows equal to the row above on the parts so far
+    for p in parts:
+        later, earlier = p[1:], p[:-1]
+        down |= later < earlier if tie is None else tie & (later < earlier)
+        same = later == earlier
+        tie = same if tie is None else tie & same
+        if not tie.any():
+            break
+    return np.flatnonzero(down) + 1
+
+
+def _blocks(key: Num, values: Num) -> Int:
+    """The positions of the rows whose ``key`` (non-decreasing) is among ``values``."""
+    values = np.unique(values)
+    lo = np.searchsorted(key, values, side="left")
+    size = np.searchsorted(key, values, side="right") - lo
+    positions: Int = np.arange(int(size.sum())) + np.repeat(lo - (np.cumsum(size) - size), size)
+    return positions
+
+
+def _stable_sort(parts: Sequence[Num]) -> Int:
+    key = _radix(parts)
+    return np.lexsort(parts[::-1]) if key is None else np.argsort(key, kind="stable")
+
+
+def _radix(parts: Sequence[Num]) -> Int | None:
+    """One int64 key that orders rows as the parts do (most significant first), or None
+    if their ranges together need more than 63 bits."""
+    key: Int | None = None
+    span = 1
+    for p in parts:
+        lo, hi = (int(p.min()), int(p.max())) if p.size else (0, 0)
+        if lo == hi:
+            continue  # a constant part orders nothing
+        span *= hi - lo + 1
+        if span > _INT64_MAX:
+            return None
+        rel = np.subtract(p, lo, dtype=np.int64)
+        if key is None:
+            key = rel
+        else:
+            key *= hi - lo + 1
+            key += rel
+    return np.zeros(parts[0].size, dtype=np.int64) if key is None else key
+
+
+def _rank(parts: Sequence[Num]) -> Int:
+    """Dense rank of each row's parts in lexicographic order (when _radix overflows)."""
+    order = np.lexsort(parts[::-1])
+    change = np.zeros(order.size, dtype=bool)
+    for p in parts:
+        s = p[order]
+        change[1:] |= s[1:] != s[:-1]
+    rank = np.empty(order.size, dtype=np.int64)
+    rank[order] = np.cumsum(change)
+    return rank
