@@ -281,7 +281,12 @@ def faulted(network: Network) -> Faulted:
 def _assert_fault_reasons(f: Faulted, missing: dict[str, str], *, node_down_asked: bool) -> None:
     assert missing[f.budget] == "refused: budget_exhausted"
     assert missing[f.agent_down] == "refused: internal_error"
-    assert missing[f.frozen] == f"no reply within {TIMEOUT:g} s (timeout)"
+    # A frozen agent either outlasts the round (timeout) or makes the bridge give up on
+    # the connection first (gRPC's ~20 s handshake limit): both say why, neither leaks.
+    assert missing[f.frozen] in (
+        f"no reply within {TIMEOUT:g} s (timeout)",
+        "refused: internal_error",
+    ), missing[f.frozen]
     if node_down_asked or f.node_down in missing:
         reason = missing[f.node_down]
         assert reason.endswith("(timeout)") or reason.startswith("node unavailable"), reason
