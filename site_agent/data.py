@@ -536,6 +536,7 @@ def read_intake(src: DataSource, instruments: Mapping[str, Instrument]) -> Intak
         remap = np.array([position.get(nm, -1) for nm in names], dtype=np.int16)
         ins_code = remap[codes]
         (unknown,) = _rows(codes, remap < 0)
+        # One entry per unknown name, found by sorting the unknown rows, not a scan each.
         by_name = np.argsort(codes[unknown], kind="stable")
         starts = np.flatnonzero(np.diff(codes[unknown][by_name])) + 1
         for rows in np.split(unknown[by_name], starts) if unknown.size else []:
