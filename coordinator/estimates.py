@@ -333,45 +333,37 @@ def _trajectory_fit(p: Pooled, sign: float) -> list[dict[str, Any]]:
                 xs.append(math.log(k + 1))
                 ys.append(m.value)
                 ws.append(1 / m.se**2)
-        band = f"{lo}-{hi}"
-        if len(xs) < 3:
-            reason = "fewer than 3 sessions with enough clients"
-            rows.append(
-                {
-                    "band": band,
-                    "sessions_used": len(xs),
-                    "a": suppressed(reason).as_json(),
-                    "b": suppressed(reason).as_json(),
-                }
-            )
-            continue
-        x, y, wt = np.array(xs), np.array(ys), np.array(ws)
-        design = np.column_stack([np.ones_like(x), x])
-        try:
-            cov = np.linalg.inv(design.T @ (design * wt[:, None]))
-        except np.linalg.LinAlgError:
-            cov = np.full((2, 2), np.nan)
-        beta = cov @ (design.T @ (wt * y))
-        if not (np.isfinite(beta).all() and cov[0, 0] > 0 and cov[1, 1] > 0):
-            reason = "the noisy session means do not determine a curve"
-            rows.append(
-                {
-                    "band": band,
-                    "sessions_used": len(xs),
-                    "a": suppressed(reason).as_json(),
-                    "b": suppressed(reason).as_json(),
-                }
-            )
-            continue
+        a_est, b_est = _fit_log_curve(xs, ys, ws)
         rows.append(
             {
-                "band": band,
+                "band": f"{lo}-{hi}",
                 "sessions_used": len(xs),
-                "a": Estimate(float(beta[0]), math.sqrt(cov[0, 0]), 0.0).as_json(),
-                "b": Estimate(float(beta[1]), math.sqrt(cov[1, 1]), 0.0).as_json(),
+                "a": a_est.as_json(),
+                "b": b_est.as_json(),
             }
         )
     return rows
+
+
+def _fit_log_curve(xs: list[float], ys: list[float], ws: list[float]) -> tuple[Estimate, Estimate]:
+    """Weighted least squares of y on x = ln(session): (a, b), or both suppressed."""
+    if len(xs) < 3:
+        reason = "fewer than 3 sessions with enough clients"
+        return suppressed(reason), suppressed(reason)
+    x, y, wt = np.array(xs), np.array(ys), np.array(ws)
+    design = np.column_stack([np.ones_like(x), x])
+    try:
+        cov = np.linalg.inv(design.T @ (design * wt[:, None]))
+    except np.linalg.LinAlgError:
+        cov = np.full((2, 2), np.nan)
+    beta = cov @ (design.T @ (wt * y))
+    if not (np.isfinite(beta).all() and cov[0, 0] > 0 and cov[1, 1] > 0):
+        reason = "the noisy session means do not determine a curve"
+        return suppressed(reason), suppressed(reason)
+    return (
+        Estimate(float(beta[0]), math.sqrt(cov[0, 0]), 0.0),
+        Estimate(float(beta[1]), math.sqrt(cov[1, 1]), 0.0),
+    )
 
 
 def _regression(p: Pooled) -> dict[str, Any]:
