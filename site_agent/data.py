@@ -42,7 +42,7 @@ __all__ = ["QUARANTINE_COLUMNS", "Intake", "Records", "read_intake"]
 
 QUARANTINE_COLUMNS = ("file", "line", "field", "value", "reason", "fix")
 _NO_DATE = np.iinfo(np.int32).min
-_INT_RE = r"^[+-]?[0-9]+(\.0*)?$"
+_INT_RE = r"^-?[0-9]+(\.0*)?$"  # no "+": pyarrow's cast rejects it
 _NUMBER_RE = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
 _INT64_MAX = int(np.iinfo(np.int64).max)
 

@@ -34,6 +34,8 @@ def test_clean_file_passes(tmp_path: Path) -> None:
     ("a,1,2026-01-01,", "score", "missing score"),
     ("a,1,2026-01-01,12.5", "score", "not a whole number"),
     ("a,1,2026-01-01,n/a", "score", "not a whole number"),
+    ("a,1,2026-01-01,+5", "score", "not a whole number"),  # once crashed the cast
+    ("a,+1,2026-01-01,5", "session", "whole number from 1"),
     ("a,1,2026-01-01,28", "score", "out of the PHQ-9 range 0-27"),
     ("a,1,2026-01-01,-1", "score", "out of the PHQ-9 range 0-27"),
     ("a,0,2026-01-01,5", "session", "whole number from 1"),
