@@ -50,6 +50,8 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "PYTHONUNBUFFERED": "1",
+            # Ray (simulation engine) reports usage statistics online unless told not to.
+            "RAY_USAGE_STATS_ENABLED": "0",
         }
     )
     return env
@@ -135,6 +137,22 @@ class LocalNetwork:
                 os.killpg(proc.popen.pid, signal.SIGKILL)
             proc.handle.close()
         self.procs.clear()
+        self._kill_strays()
+
+    def _kill_strays(self) -> None:
+        """Daemons start helpers (ServerApp, SuperExec, Ray workers) in sessions of their
+        own; every one inherits our FLWR_HOME, so that finds them. SIGKILL by PID."""
+        marker = f"FLWR_HOME={self.flwr_home}".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                env = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if marker in env:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(int(entry.name), signal.SIGKILL)
 
     def kill(self, name: str) -> None:
         """SIGKILL one process (fault tests)."""
