@@ -216,12 +216,7 @@ class LocalNetwork:
                 str(self.port),
             ],
         )
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
-        (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{pki / netpki.CA_CERT}"\n'
-        )
-        self._wait_port(self.port, link)
+        self._connect(link, f'root-certificates = "{pki / netpki.CA_CERT}"')
         for site_id in self.site_ids:
             netpki.add_site(pki, site_id)
             if register is None or site_id in register:
@@ -249,10 +244,14 @@ class LocalNetwork:
                 str(self.port),
             ],
         )
+        self._connect(link, "insecure = true")
+
+    def _connect(self, link: _Proc, security: str) -> None:
+        """Write the flwr CLI's connection to this SuperLink and wait until it listens."""
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+            f'address = "127.0.0.1:{self.port}"\n{security}\n'
         )
         self._wait_port(self.port, link)
 
