@@ -6,12 +6,19 @@ the coordinator sums and interprets them. A block is a flat integer vector of
 largest L2 change one *episode* can cause; a client with up to m episodes changes the
 block by at most m times that root (all m episodes may fall into one band).
 
-Budget split (see :func:`budget_weights`): every block gets a share of the study's rho in
-proportion to 1 / typical^2, where ``typical`` is a public, fixed guess of a statistic's
-per-episode value as a fraction of its bound. With Gaussian noise the relative error of a
-block is proportional to 1 / (typical * sqrt(share)), so this split makes the expected
-relative errors of all blocks equal: no family is starved or over-served. The typical
-fractions are constants here, never estimated from data (that would leak).
+Budget split (see :func:`budget_weights`): the published figures are ratios, a sum over
+the episode count of its band (means, rates), so the rule balances the relative errors of
+those ratios. Every block except the count gets a share of the study's rho in proportion to
+1 / typical^2, where ``typical`` is a public, fixed guess of a statistic's per-episode value
+as a fraction of its bound: with Gaussian noise a block's relative error is proportional to
+1 / (typical * sqrt(share)), so the numerators' relative errors are all equal. The count
+divides every one of them, so its relative error adds to each ratio's; minimising that
+common error for a fixed total gives the count the weight sqrt(A), where A is the sum of
+the other blocks' weights (Lagrange: share_count / share_rest = sqrt(1 / A) with the
+count's typical = 1). Giving the count only its own 1 / typical^2 = 1 starved it: at
+epsilon 1 per site (benchmarks/utility.py) the pooled counts were noisy enough that most
+bands' estimates were suppressed. The typical fractions are constants here, never
+estimated from data (that would leak).
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from fractions import Fraction
 
 from protocols.study import Family, Study
 
-__all__ = ["CATEGORY_NAMES", "BlockSpec", "block_layout", "budget_weights"]
+__all__ = ["CATEGORY_NAMES", "COUNT_BLOCK", "BlockSpec", "block_layout", "budget_weights"]
+
+COUNT_BLOCK = "episodes"  # the denominator of every band-level estimate
 
 CATEGORY_NAMES = (
     "reliably_improved",
@@ -95,7 +104,7 @@ def block_layout(study: Study) -> tuple[BlockSpec, ...]:
         )
 
     if Family.COUNTS in study.families:
-        add("episodes", Family.COUNTS, 0, 1, "1")
+        add(COUNT_BLOCK, Family.COUNTS, 0, 1, "1")
     if Family.CHANGE in study.families:
         add("sum_intake", Family.CHANGE, min(ins.lo, 0), ins.hi, "1/2")
         add("sum_final", Family.CHANGE, min(ins.lo, 0), ins.hi, "1/3")
@@ -132,6 +141,10 @@ def block_layout(study: Study) -> tuple[BlockSpec, ...]:
 
 def budget_weights(blocks: tuple[BlockSpec, ...]) -> tuple[Fraction, ...]:
     """Each block's share of the study's rho (exact; they sum to 1)."""
-    raw = [1 / (b.typical * b.typical) for b in blocks]
+    raw = [Fraction(0) if b.name == COUNT_BLOCK else 1 / (b.typical * b.typical) for b in blocks]
+    rest = sum(raw, Fraction(0))
+    # sqrt(rest) rounded to a fraction: exactness matters for the sum, not for the optimum.
+    count = Fraction(math.sqrt(rest)).limit_denominator(10**6) if rest else Fraction(1)
+    raw = [count if b.name == COUNT_BLOCK else r for b, r in zip(blocks, raw, strict=True)]
     total = sum(raw, Fraction(0))
     return tuple(r / total for r in raw)

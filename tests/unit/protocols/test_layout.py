@@ -3,7 +3,10 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
-from protocols.layout import block_layout, budget_weights
+import numpy as np
+import pytest
+
+from protocols.layout import COUNT_BLOCK, BlockSpec, block_layout, budget_weights
 from protocols.study import Study, parse_study
 
 
@@ -25,16 +28,46 @@ def test_layout_sizes_and_sensitivities() -> None:
     assert blocks["sum_intake"].sensitivity(max_episodes=3) == 3 * 27
 
 
-def test_budget_weights_are_exact_and_balance_relative_error() -> None:
-    s = _study(["counts", "change", "categories", "trajectory", "histogram"])
-    layout = block_layout(s)
+def _relative_errors(layout: tuple[BlockSpec, ...], w: tuple[Fraction, ...]) -> dict[str, float]:
+    # A block's relative error ~ 1 / (typical * sqrt(share)) under Gaussian noise.
+    return {b.name: 1 / (float(b.typical) * math.sqrt(float(x))) for b, x in zip(layout, w,
+                                                                                  strict=True)}
+
+
+@pytest.mark.parametrize(
+    "families",
+    [
+        ["counts", "change", "categories", "trajectory", "histogram"],
+        ["counts", "change", "categories"],
+        ["counts", "categories"],
+    ],
+)
+def test_budget_weights_balance_the_relative_error_of_the_ratios(families: list[str]) -> None:
+    layout = block_layout(_study(families))
     w = budget_weights(layout)
     assert sum(w) == Fraction(1)
-    # relative error ~ 1 / (typical * sqrt(share)): equal for every block
-    rel = {b.name: 1 / (float(b.typical) * math.sqrt(float(x))) for b, x in zip(layout, w,
-                                                                                 strict=True)}
-    values = list(rel.values())
-    assert max(values) / min(values) < 1 + 1e-9
+    rel = _relative_errors(layout, w)
+    numerators = [v for name, v in rel.items() if name != COUNT_BLOCK]
+    assert max(numerators) / min(numerators) < 1 + 1e-9  # every numerator alike
+
+    # Every published ratio's squared relative error is numerator^2 + count^2; the count's
+    # share minimises it for the fixed total (a coarse scan finds nothing better).
+    def ratio_error(count_share: float) -> float:
+        rest = 1 - count_share
+        scale = {b.name: float(x) / (1 - float(w[0])) * rest for b, x in zip(layout, w,
+                                                                            strict=True)}
+        scale[COUNT_BLOCK] = count_share
+        e = {b.name: 1 / (float(b.typical) ** 2 * scale[b.name]) for b in layout}
+        return max(v for n, v in e.items() if n != COUNT_BLOCK) + e[COUNT_BLOCK]
+
+    assert layout[0].name == COUNT_BLOCK
+    chosen = ratio_error(float(w[0]))
+    for other in np.linspace(0.001, 0.5, 500):
+        assert chosen <= ratio_error(float(other)) * (1 + 1e-6)
+
+
+def test_the_count_alone_takes_the_whole_budget() -> None:
+    assert budget_weights(block_layout(_study(["counts"]))) == (Fraction(1),)
 
 
 def test_only_requested_families() -> None:
