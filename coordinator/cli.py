@@ -29,19 +29,21 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from types import MappingProxyType
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator import crypto
-from coordinator.demo import DemoError, run_demo, run_simulation
+from coordinator.clinic_sizes import DEFAULT_CLIENTS_RANGE, MIN_CLIENTS
 from coordinator.estimates import estimate_all
 from coordinator.pooling import Contribution, Rejection, load_release_file, pool, site_keys
 from coordinator.publish import benchmark_document, verify_bundle, write_bundle
 from coordinator.study import load_study
-from coordinator.synth import DEFAULT_CLIENTS_RANGE, MIN_CLIENTS, SiteFiles, synthesize
 from protocols import SpecError, builtin_instruments
 from protocols.study import Study
+
+if TYPE_CHECKING:
+    from coordinator.synth import SiteFiles
 
 __all__ = [
     "COMMANDS",
@@ -181,6 +183,8 @@ def _synth_run(args: argparse.Namespace, stdout: TextIO) -> ExitCode:
                 "swap them or widen the range",
             )
         clients_range = (lo, hi)
+    from coordinator.synth import synthesize  # noqa: PLC0415 - pandas only to write data
+
     out: Path = args.out
     try:
         sites = synthesize(
@@ -561,6 +565,8 @@ def _demo_run(args: argparse.Namespace, stdout: TextIO) -> ExitCode:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / _DEMO_MARKER).write_text("created by outcomebench-coordinator demo\n")
+    from coordinator.demo import DemoError, run_demo, run_simulation  # noqa: PLC0415 - Flower
+
     try:
         run = run_simulation if args.engine == "simulation" else run_demo
         result = run(

@@ -44,6 +44,7 @@ import numpy.typing as npt
 import pandas as pd
 import yaml
 
+from coordinator.clinic_sizes import DEFAULT_CLIENTS_RANGE, MIN_CLIENTS
 from protocols import Better, Instrument, SpecError, builtin_instruments
 from protocols.spec import did_you_mean
 
@@ -63,12 +64,6 @@ __all__ = [
 
 EPISODE_GAP_DAYS = 180
 """A gap of more than this many days between sessions starts a new episode."""
-
-DEFAULT_CLIENTS_RANGE = (30, 3000)
-"""Clinic sizes, drawn log-uniformly: from a few dozen to a few thousand clients."""
-
-MIN_CLIENTS = 10
-"""The smallest clinic :func:`synthesize` writes: room for every kind of bad row."""
 
 CSV_COLUMNS = ("client", "session_no", "seen_on", "measure", "total", "therapist", "clinic_room")
 """The export's columns; deliberately not our canonical names, to exercise column mapping."""
