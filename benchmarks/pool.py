@@ -43,16 +43,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from utility import BANDS, compiled_blocks, load_clinics, noised
+from utility import BANDS, compiled_blocks, load_clinics, noised, site_release
 
 from coordinator import crypto as network_crypto
 from coordinator.estimates import estimate_all
 from coordinator.pooling import Contribution, load_release_file, pool, site_keys
 from coordinator.publish import benchmark_document, verify_bundle, write_bundle
-from protocols.release import NoisyBlock, SiteRelease
 from protocols.study import Study, parse_study
 from site_agent import crypto as site_crypto
-from site_agent.privacy.accounting import MECHANISM, OPENDP_VERSION, zcdp_to_epsilon
 
 RHO = Fraction(1, 20)
 DELTA = Fraction(1, 10**6)
@@ -80,8 +78,6 @@ def write_releases(study: Study, n_sites: int, root: Path) -> list[Path]:
     compiled = compiled_blocks(study, RHO)
     exact = np.stack([clinics[i % len(clinics)].exact for i in range(n_sites)])
     values = noised(exact, compiled)
-    rho = sum((b.rho for b in compiled), Fraction(0))
-    epsilon = zcdp_to_epsilon(rho, DELTA)
     (root / "keys").mkdir()
     (root / "releases").mkdir()
     network_crypto.generate_keypair(root / "keys", "network")
@@ -90,39 +86,7 @@ def write_releases(study: Study, n_sites: int, root: Path) -> list[Path]:
         site_id = f"site-{i:04d}"
         key = Ed25519PrivateKey.generate()
         (root / "keys" / f"{site_id}.pub.pem").write_text(site_crypto.public_pem(key))
-        blocks, at = [], 0
-        for b in compiled:
-            spec = b.spec
-            blocks.append(
-                NoisyBlock(
-                    name=spec.name,
-                    family=str(spec.family),
-                    n_bands=spec.n_bands,
-                    width=spec.width,
-                    values=tuple(int(v) for v in values[i, at : at + spec.size]),
-                    lo=spec.lo,
-                    hi=spec.hi,
-                    sensitivity=b.d_in,
-                    scale=b.scale,
-                    rho=b.rho,
-                )
-            )
-            at += spec.size
-        release = SiteRelease(
-            study_id=study.id,
-            study_hash=study.hash,
-            site_id=site_id,
-            created="2026-11-27T12:00:00+00:00",
-            blocks=tuple(blocks),
-            rho=rho,
-            epsilon=epsilon,
-            delta=float(DELTA),
-            unit="client",
-            max_episodes_per_client=1,
-            mechanism=MECHANISM,
-            window_applied=True,
-            versions={"outcomebench": "benchmark", "opendp": OPENDP_VERSION},
-        )
+        release = site_release(study, site_id, values[i], compiled, delta=DELTA)
         path = root / "releases" / f"{site_id}.json"
         path.write_text(site_crypto.sign(key, "release", release.canonical_bytes()).dumps())
         paths.append(path)

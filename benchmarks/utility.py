@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import sys
 import tempfile
@@ -69,7 +70,14 @@ from protocols.study import Study, parse_study
 from site_agent.config import load_site_config
 from site_agent.data import read_intake
 from site_agent.outcomes import Reliable, derive_episodes
-from site_agent.privacy.accounting import CompiledBlock, compile_block, rho_for_epsilon
+from site_agent.privacy.accounting import (
+    MECHANISM,
+    OPENDP_VERSION,
+    CompiledBlock,
+    compile_block,
+    rho_for_epsilon,
+    zcdp_to_epsilon,
+)
 from site_agent.privacy.statistics import exact_blocks, select_episodes
 
 INSTRUMENT = "PHQ-9"
@@ -154,9 +162,21 @@ def noised(exact: npt.NDArray[np.int64], compiled: list[CompiledBlock]) -> npt.N
     return out
 
 
-def contribution(
-    study: Study, site_id: str, values: npt.NDArray[np.int64], compiled: list[CompiledBlock]
-) -> Contribution:
+@functools.lru_cache(maxsize=4)
+def _epsilon(rho: Fraction, delta: Fraction) -> float:
+    return zcdp_to_epsilon(rho, delta)  # OpenDP builds a measurement: once, not per release
+
+
+def site_release(
+    study: Study,
+    site_id: str,
+    values: npt.NDArray[np.int64],
+    compiled: list[CompiledBlock],
+    *,
+    delta: Fraction = DELTA,
+) -> SiteRelease:
+    """The release a site's engine would build from these noisy ``values`` (every block,
+    concatenated in layout order), with its provenance."""
     blocks, at = [], 0
     for b in compiled:
         spec = b.spec
@@ -175,21 +195,28 @@ def contribution(
             )
         )
         at += spec.size
-    release = SiteRelease(
+    rho = sum((b.rho for b in compiled), Fraction(0))
+    return SiteRelease(
         study_id=study.id,
         study_hash=study.hash,
         site_id=site_id,
-        created="2027-01-01T00:00:00",
+        created="2026-11-27T12:00:00+00:00",
         blocks=tuple(blocks),
-        rho=sum((b.rho for b in compiled), Fraction(0)),
-        epsilon=float(EPSILON),
-        delta=float(DELTA),
+        rho=rho,
+        epsilon=_epsilon(rho, delta),
+        delta=float(delta),
         unit="client",
         max_episodes_per_client=1,
-        mechanism="benchmark",
+        mechanism=MECHANISM,
         window_applied=True,
-        versions={},
+        versions={"outcomebench": "benchmark", "opendp": OPENDP_VERSION},
     )
+
+
+def contribution(
+    study: Study, site_id: str, values: npt.NDArray[np.int64], compiled: list[CompiledBlock]
+) -> Contribution:
+    release = site_release(study, site_id, values, compiled)
     return Contribution(site_id=site_id, release=release, sha256="0" * 64)
 
 
