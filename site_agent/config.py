@@ -13,10 +13,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import yaml
-
 from protocols import Instrument, SpecError, builtin_instruments, parse_instruments
-from protocols.spec import did_you_mean, unknown_keys
+from protocols.spec import did_you_mean, read_yaml, unknown_keys
 from site_agent.errors import ConfigError
 
 __all__ = ["ColumnMap", "DataSource", "SiteConfig", "load_site_config"]
@@ -71,22 +69,7 @@ def load_site_config(path: Path | str) -> SiteConfig:
     """Read and validate ``site.yaml``; raise :class:`ConfigError` listing every problem."""
     path = Path(path)
     where = str(path)
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(
-            where, [f"{where}: no such file; pass --config PATH/TO/site.yaml"]
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(
-            where, [f"{where}: cannot read the file ({exc.__class__.__name__})"]
-        ) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(
-            where, [f"{where}: not valid YAML{at}; check indentation and quoting"]
-        ) from None
+    _, doc = read_yaml(path, missing="pass --config PATH/TO/site.yaml", error=ConfigError)
     if not isinstance(doc, Mapping):
         raise ConfigError(where, [f"{where}: expected a mapping with keys site, data"])
 

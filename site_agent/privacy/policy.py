@@ -14,9 +14,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from protocols.spec import did_you_mean, unknown_keys
+from protocols.spec import did_you_mean, read_yaml, unknown_keys
 from protocols.study import Family, PrivacyRequest, parse_loss
 from site_agent.errors import ConfigError
 from site_agent.privacy.accounting import rho_for_epsilon, zcdp_to_epsilon
@@ -74,20 +72,11 @@ def load_policy(path: Path | str, *, site_unit_column: str = "client_id") -> Pri
     """Read ``privacy.yaml``; raise :class:`ConfigError` listing every problem."""
     path = Path(path)
     where = str(path)
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(
-            where,
-            [
-                f"{where}: no such file; the site's privacy_policy must "
-                "name the privacy officer's policy file"
-            ],
-        ) from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(
-            where, [f"{where}: cannot read the policy ({exc.__class__.__name__})"]
-        ) from None
+    _, doc = read_yaml(
+        path,
+        missing="the site's privacy_policy must name the privacy officer's policy file",
+        error=ConfigError,
+    )
     if not isinstance(doc, Mapping):
         raise ConfigError(where, [f"{where}: expected a mapping; see configs/privacy.example.yaml"])
     problems = unknown_keys(doc, _KEYS, "privacy")

@@ -71,3 +71,24 @@ def test_policy_is_frozen(tmp_path: Path) -> None:
     pol = _load(tmp_path, POLICY)
     with pytest.raises(AttributeError):
         pol.budget_rho = Fraction(100)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "no such file; the site's privacy_policy must name"),
+        (b"unit: client_id\nbudget: {rho: 0.5\n", "not valid YAML at line 3, column 1"),
+        (b"unit: \xff\xfe\n", "cannot read the file (UnicodeDecodeError)"),
+        (b"- just\n- a list\n", "expected a mapping; see configs/privacy.example.yaml"),
+    ],
+)
+def test_an_unreadable_policy_names_the_file_and_the_fix(
+    tmp_path: Path, content: bytes | None, expected: str
+) -> None:
+    path = tmp_path / "privacy.yaml"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_policy(path)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{path}: ") and expected in problem, problem
