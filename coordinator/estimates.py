@@ -315,13 +315,13 @@ def _trajectory(p: Pooled, sign: float) -> list[dict[str, Any]]:
 
 
 def _trajectory_fit(p: Pooled, sign: float) -> list[dict[str, Any]]:
-    """Weighted least squares of mean change on ln(session) per band, weights 1/variance.
-    Session means share clients, so their errors are positively correlated: the
-    intervals of a and b treat them as independent and are too narrow (stated in the
-    report)."""
+    """Weighted least squares of mean change on ln(session) per band, weights 1/variance,
+    with intervals that hold whatever the (nonnegative) correlation of the session means:
+    see :func:`_fit_log_curve`."""
     rows: list[dict[str, Any]] = []
     for i, (lo, hi) in enumerate(p.study.bands):
-        xs, ys, ws = [], [], []
+        xs: list[float] = []
+        means: list[Estimate] = []
         for k in range(p.study.max_session):
             m = mean(
                 _cell(p, "traj_sum", i, k),
@@ -331,9 +331,8 @@ def _trajectory_fit(p: Pooled, sign: float) -> list[dict[str, Any]]:
             )
             if m.value is not None and m.se > 0:
                 xs.append(math.log(k + 1))
-                ys.append(m.value)
-                ws.append(1 / m.se**2)
-        a_est, b_est = _fit_log_curve(xs, ys, ws)
+                means.append(m)
+        a_est, b_est = _fit_log_curve(xs, means)
         rows.append(
             {
                 "band": f"{lo}-{hi}",
@@ -345,25 +344,44 @@ def _trajectory_fit(p: Pooled, sign: float) -> list[dict[str, Any]]:
     return rows
 
 
-def _fit_log_curve(xs: list[float], ys: list[float], ws: list[float]) -> tuple[Estimate, Estimate]:
-    """Weighted least squares of y on x = ln(session): (a, b), or both suppressed."""
+def _fit_log_curve(xs: list[float], means: list[Estimate]) -> tuple[Estimate, Estimate]:
+    """Weighted least squares of the session means on x = ln(session): (a, b), or both
+    suppressed.
+
+    Each coefficient is a linear combination sum_k L_k * mean_k. The DP noise of different
+    sessions is independent, so its variance is sum_k L_k^2 * se_noise_k^2. The sampling
+    errors are not: the same clients are measured at many sessions. Their covariances are
+    not released, but a client's change from intake at two sessions is not negatively
+    correlated, and different clients are independent, so every covariance is >= 0. Then
+    Var(A - B) <= Var(A) + Var(B) <= (sum_{L>0} L_k se_k)^2 + (sum_{L<0} |L_k| se_k)^2,
+    where A and B gather the positive and negative terms: a bound that holds for any such
+    correlation (treating the means as independent was too narrow)."""
     if len(xs) < 3:
         reason = "fewer than 3 sessions with enough clients"
         return suppressed(reason), suppressed(reason)
-    x, y, wt = np.array(xs), np.array(ys), np.array(ws)
+    x = np.array(xs)
+    y = np.array([m.value for m in means], dtype=np.float64)
+    se_s = np.array([m.se_sampling for m in means])
+    se_n = np.array([m.se_noise for m in means])
+    wt = 1 / (se_s**2 + se_n**2)
     design = np.column_stack([np.ones_like(x), x])
     try:
-        cov = np.linalg.inv(design.T @ (design * wt[:, None]))
+        lin = np.linalg.solve(design.T @ (design * wt[:, None]), design.T * wt)  # 2 x K
     except np.linalg.LinAlgError:
-        cov = np.full((2, 2), np.nan)
-    beta = cov @ (design.T @ (wt * y))
-    if not (np.isfinite(beta).all() and cov[0, 0] > 0 and cov[1, 1] > 0):
+        lin = np.full((2, len(xs)), np.nan)
+    beta = lin @ y
+    if not np.isfinite(beta).all() or not np.isfinite(lin).all():
         reason = "the noisy session means do not determine a curve"
         return suppressed(reason), suppressed(reason)
-    return (
-        Estimate(float(beta[0]), math.sqrt(cov[0, 0]), 0.0),
-        Estimate(float(beta[1]), math.sqrt(cov[1, 1]), 0.0),
-    )
+    out = []
+    for j in range(2):
+        row = lin[j]
+        pos = float(np.sum(np.where(row > 0, row, 0.0) * se_s))
+        neg = float(np.sum(np.where(row < 0, -row, 0.0) * se_s))
+        out.append(
+            Estimate(float(beta[j]), math.hypot(pos, neg), float(np.sqrt(np.sum(row**2 * se_n**2))))
+        )
+    return out[0], out[1]
 
 
 def _regression(p: Pooled) -> dict[str, Any]:

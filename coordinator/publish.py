@@ -54,12 +54,15 @@ METHODS = (
     "Rates of reliable improvement, deterioration, response and remission are per "
     "episode; recovery and reliable recovery are per episode at caseness at intake. "
     "Trajectories give the mean change from intake at each session with the interval of "
-    "the mean and a 95% tolerance band for individual clients; the a + b ln(session) fit "
-    "treats session means as independent, so its intervals are too narrow. Intervals are "
-    "conditional on the participating services. Coverage of the intervals for mean change "
-    "and reliable improvement was measured at 94.5-95.5% in simulation; in bands near the "
-    "suppression threshold the published intervals cover less often (about 90%), because "
-    "whether to publish is decided on the same noisy count."
+    "the mean and a 95% tolerance band for individual clients. The a + b ln(session) fit "
+    "is weighted least squares on the session means; because the same clients are seen "
+    "at many sessions, its intervals bound the sampling error for any nonnegative "
+    "correlation between session means (they may be a little wide) and add the "
+    "independent DP noise exactly. Intervals are conditional on the participating "
+    "services. Coverage was measured in simulation (5 clinics, 2,000 pooled studies): "
+    "94.5-95.5% for mean change and the reliable improvement rate, in bands of about 300 "
+    "and 4,500 episodes. Whether to publish is decided on the same noisy count, so in "
+    "bands near the suppression threshold the published intervals may cover less often."
 )
 
 

@@ -1048,8 +1048,9 @@ def _trajectory(doc: Mapping[str, Any], bands: list[_Band], ins_id: str) -> str:
                 ],
                 trs,
             )
-            + '<p class="note">The fit treats the session means as independent; they '
-            "share clients, so these intervals are too narrow.</p>"
+            + '<p class="note">The session means share clients, so their errors are '
+            "correlated; the intervals allow for any nonnegative correlation and may be a "
+            "little wide.</p>"
         )
     trs = []
     for s in range(1, k + 1):

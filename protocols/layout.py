@@ -6,16 +6,18 @@ the coordinator sums and interprets them. A block is a flat integer vector of
 largest L2 change one *episode* can cause; a client with up to m episodes changes the
 block by at most m times that root (all m episodes may fall into one band).
 
-Budget split (see :func:`budget_weights`): the published figures are ratios, a sum over
-the episode count of its band (means, rates), so the rule balances the relative errors of
-those ratios. Every block except the count gets a share of the study's rho in proportion to
-1 / typical^2, where ``typical`` is a public, fixed guess of a statistic's per-episode value
-as a fraction of its bound: with Gaussian noise a block's relative error is proportional to
-1 / (typical * sqrt(share)), so the numerators' relative errors are all equal. The count
-divides every one of them, so its relative error adds to each ratio's; minimising that
-common error for a fixed total gives the count the weight sqrt(A), where A is the sum of
-the other blocks' weights (Lagrange: share_count / share_rest = sqrt(1 / A) with the
-count's typical = 1). Giving the count only its own 1 / typical^2 = 1 starved it: at
+Budget split (see :func:`budget_weights`): the published figures are ratios (means and
+rates over the episodes of a band; session means over the clients seen at that session), so
+the rule balances the relative errors of those ratios. Every numerator block gets a share of
+the study's rho in proportion to 1 / typical^2, where ``typical`` is a public, fixed guess
+of a statistic's per-episode value as a fraction of its bound: with Gaussian noise a block's
+relative error is proportional to 1 / (typical * sqrt(share)), so the numerators' relative
+errors are all equal. A denominator divides each of its numerators, so its relative error
+adds to each ratio's; minimising that common error for a fixed total gives the denominator
+the weight sqrt(a * A), where a = 1 / typical^2 is its own weight and A the sum of its
+numerators' weights (Lagrange: share_denominator / share_numerators = sqrt(a / A)). The
+denominators are the episode count (of the change and categories blocks) and the clients
+per session (of the trajectory sums). Giving the count only its own weight starved it: at
 epsilon 1 per site (benchmarks/utility.py) the pooled counts were noisy enough that most
 bands' estimates were suppressed. The typical fractions are constants here, never
 estimated from data (that would leak).
@@ -26,10 +28,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from types import MappingProxyType
 
 from protocols.study import Family, Study
 
-__all__ = ["CATEGORY_NAMES", "COUNT_BLOCK", "BlockSpec", "block_layout", "budget_weights"]
+__all__ = [
+    "CATEGORY_NAMES",
+    "COUNT_BLOCK",
+    "DENOMINATORS",
+    "BlockSpec",
+    "block_layout",
+    "budget_weights",
+]
 
 COUNT_BLOCK = "episodes"  # the denominator of every band-level estimate
 
@@ -139,12 +149,28 @@ def block_layout(study: Study) -> tuple[BlockSpec, ...]:
     return tuple(blocks)
 
 
+def _numerators() -> dict[str, frozenset[str]]:
+    change = ("sum_intake", "sum_final", "sum_change", "sum_change_sq", "sum_intake_sq",
+              "sum_intake_change")
+    return {
+        COUNT_BLOCK: frozenset(change + CATEGORY_NAMES),
+        "traj_n": frozenset({"traj_sum", "traj_sum_sq"}),
+    }
+
+
+DENOMINATORS = MappingProxyType(_numerators())
+"""Each denominator block and the blocks its published ratios divide by it."""
+
+
 def budget_weights(blocks: tuple[BlockSpec, ...]) -> tuple[Fraction, ...]:
     """Each block's share of the study's rho (exact; they sum to 1)."""
-    raw = [Fraction(0) if b.name == COUNT_BLOCK else 1 / (b.typical * b.typical) for b in blocks]
-    rest = sum(raw, Fraction(0))
-    # sqrt(rest) rounded to a fraction: exactness matters for the sum, not for the optimum.
-    count = Fraction(math.sqrt(rest)).limit_denominator(10**6) if rest else Fraction(1)
-    raw = [count if b.name == COUNT_BLOCK else r for b, r in zip(blocks, raw, strict=True)]
-    total = sum(raw, Fraction(0))
-    return tuple(r / total for r in raw)
+    own = {b.name: 1 / (b.typical * b.typical) for b in blocks}
+    raw = dict(own)
+    for name, numerators in DENOMINATORS.items():
+        if name in own:
+            group = sum((own[n] for n in numerators if n in own), Fraction(0))
+            if group:
+                # sqrt rounded to a fraction: exactness matters for the sum, not the optimum.
+                raw[name] = Fraction(math.sqrt(own[name] * group)).limit_denominator(10**6)
+    total = sum(raw.values(), Fraction(0))
+    return tuple(raw[b.name] / total for b in blocks)

@@ -7,7 +7,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordinator.estimates import MIN_EPISODES, estimate_all, mean, rate, sd
+from coordinator.estimates import (
+    MIN_EPISODES,
+    Estimate,
+    _fit_log_curve,
+    estimate_all,
+    mean,
+    rate,
+    sd,
+)
 from coordinator.pooling import Pooled, PooledBlock
 from protocols.layout import block_layout
 from protocols.study import Study, parse_study
@@ -92,3 +100,43 @@ def test_estimates_never_crash_on_any_noisy_sums(data: st.DataObject, noise: flo
             assert est.value is None or math.isfinite(est.value)
             if est.value is not None and est.ci is not None:
                 assert est.ci[0] <= est.ci[1]
+
+
+# -- the a + b ln(session) fit ------------------------------------------------------------
+
+
+def _session_means(values: list[float], se_s: list[float], se_n: list[float]) -> list[Estimate]:
+    return [Estimate(v, s, n) for v, s, n in zip(values, se_s, se_n, strict=True)]
+
+
+def test_the_fit_recovers_a_log_curve() -> None:
+    xs = [math.log(k) for k in range(1, 9)]
+    means = _session_means([1.5 + 2.25 * x for x in xs], [0.3] * 8, [0.2] * 8)
+    a, b = _fit_log_curve(xs, means)
+    assert a.value == pytest.approx(1.5) and b.value == pytest.approx(2.25)
+
+
+def test_the_fit_intervals_bound_correlated_sampling_error_and_add_noise_exactly() -> None:
+    xs = [math.log(k) for k in (1, 2, 4, 8)]
+    se_s, se_n = [0.5, 0.4, 0.6, 0.9], [0.3, 0.3, 0.5, 0.7]
+    a, b = _fit_log_curve(xs, _session_means([0.0, 1.0, 2.0, 3.5], se_s, se_n))
+    # the linear map from session means to (a, b), computed independently here
+    x = np.array(xs)
+    design = np.column_stack([np.ones_like(x), x])
+    w = 1 / (np.array(se_s) ** 2 + np.array(se_n) ** 2)
+    lin = np.linalg.inv(design.T @ (design * w[:, None])) @ (design.T * w)
+    for row, est in zip(lin, (a, b), strict=True):
+        assert est.se_noise == pytest.approx(math.sqrt(float(np.sum(row**2 * np.square(se_n)))))
+        independent = math.sqrt(float(np.sum(row**2 * np.square(se_s))))
+        perfectly_correlated = abs(float(np.sum(row * se_s)))
+        worst_case = float(np.sum(np.abs(row) * se_s))
+        # covers independence and perfect positive correlation, never beyond the worst case
+        assert est.se_sampling >= max(independent, perfectly_correlated) - 1e-12
+        assert est.se_sampling <= worst_case + 1e-12
+    # the slope's weights change sign, so its bound is strictly below the worst case
+    assert b.se_sampling < float(np.sum(np.abs(lin[1]) * se_s))
+
+
+def test_the_fit_needs_three_sessions() -> None:
+    a, b = _fit_log_curve([0.0, 0.7], _session_means([1.0, 2.0], [0.1, 0.1], [0.1, 0.1]))
+    assert a.value is None and b.value is None and a.suppressed

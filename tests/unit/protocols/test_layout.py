@@ -6,7 +6,13 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from protocols.layout import COUNT_BLOCK, BlockSpec, block_layout, budget_weights
+from protocols.layout import (
+    COUNT_BLOCK,
+    DENOMINATORS,
+    BlockSpec,
+    block_layout,
+    budget_weights,
+)
 from protocols.study import Study, parse_study
 
 
@@ -36,11 +42,7 @@ def _relative_errors(layout: tuple[BlockSpec, ...], w: tuple[Fraction, ...]) -> 
 
 @pytest.mark.parametrize(
     "families",
-    [
-        ["counts", "change", "categories", "trajectory", "histogram"],
-        ["counts", "change", "categories"],
-        ["counts", "categories"],
-    ],
+    [["counts", "change", "categories"], ["counts", "categories"]],
 )
 def test_budget_weights_balance_the_relative_error_of_the_ratios(families: list[str]) -> None:
     layout = block_layout(_study(families))
@@ -64,6 +66,28 @@ def test_budget_weights_balance_the_relative_error_of_the_ratios(families: list[
     chosen = ratio_error(float(w[0]))
     for other in np.linspace(0.001, 0.5, 500):
         assert chosen <= ratio_error(float(other)) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize(
+    "families",
+    [["counts", "change", "categories", "trajectory", "histogram"], ["counts", "trajectory"]],
+)
+def test_each_denominator_gets_sqrt_of_its_numerators_weight(families: list[str]) -> None:
+    layout = block_layout(_study(families))
+    w = dict(zip((b.name for b in layout), budget_weights(layout), strict=True))
+    own = {b.name: 1 / float(b.typical) ** 2 for b in layout}
+    assert sum(w.values()) == Fraction(1)
+    for denominator, numerators in DENOMINATORS.items():
+        present = [n for n in numerators if n in w]
+        if denominator not in w or not present:
+            continue
+        group = sum(own[n] for n in present)
+        ratio = float(w[denominator]) / sum(float(w[n]) for n in present)
+        assert ratio == pytest.approx(math.sqrt(own[denominator] / group), rel=1e-6)
+    # every block that divides by nothing keeps 1 / typical^2, like the numerators
+    plain = [n for n in w if n not in DENOMINATORS]
+    per_weight = {n: float(w[n]) / own[n] for n in plain}
+    assert max(per_weight.values()) / min(per_weight.values()) < 1 + 1e-9
 
 
 def test_the_count_alone_takes_the_whole_budget() -> None:
