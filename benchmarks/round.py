@@ -93,9 +93,14 @@ from flwr.proto.control_pb2 import ListRunsRequest  # noqa: E402
 
 from coordinator import crypto as coord_crypto  # noqa: E402
 from coordinator import demo  # noqa: E402
-from coordinator.localnet import CONNECTION, LocalNetwork, free_port  # noqa: E402
+from coordinator.localnet import (  # noqa: E402
+    CONNECTION,
+    LocalNetwork,
+    free_port,
+    installed_bin,
+    run_flwr,
+)
 from coordinator.pki import NETWORK_KEY, SITE_KEYS_DIR  # noqa: E402
-from coordinator.synth import synthesize  # noqa: E402
 from site_agent import crypto as site_crypto  # noqa: E402
 from site_agent.config import load_site_config  # noqa: E402
 from site_agent.privacy import load_policy  # noqa: E402
@@ -390,25 +395,9 @@ def _check_minimal(n: int) -> Callable[[Mapping[str, Any]], str]:
 
 
 def make_sites(root: Path, n: int, seed: int, clients: tuple[int, int]) -> list[Path]:
-    """Synthetic clinics as coordinator.demo.prepare_sites writes them, but small and with
-    a budget large enough for every run of the benchmark (the demo's allows 4 studies)."""
-    configs = []
-    for site in synthesize(n, root / "sites", seed=seed, clients_range=clients):
-        doc = yaml.safe_load(site.config_path.read_text())
-        doc["privacy_policy"] = "privacy.yaml"
-        site.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
-        policy = {
-            "unit": "client_id",
-            "max_episodes_per_client": 1,
-            "per_study": {"rho": 0.25},
-            "budget": {"rho": 1000.0, "period_days": 365},
-            "allow": {"instruments": ["PHQ-9"], "families": demo.FAMILIES},
-            "approval": "auto",
-            "state_dir": "state/",
-        }
-        (site.directory / "privacy.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
-        configs.append(site.config_path)
-    return configs
+    """The demo's clinics, small and with a budget large enough for every run of the
+    benchmark (the demo's allows 4 studies)."""
+    return demo.prepare_sites(root, n, seed, clients=clients, budget_rho=1000.0)
 
 
 def site_keys_inprocess(configs: Iterable[Path], keys_dir: Path) -> None:
@@ -583,7 +572,7 @@ class SimLink:
         db = self.home / "local-superlink" / "state.db"
         db.parent.mkdir(parents=True, exist_ok=True)
         argv = [
-            _bin("flower-superlink"),
+            installed_bin("flower-superlink"),
             "--insecure",
             "--simulation",
             "--isolation",
@@ -627,22 +616,7 @@ class SimLink:
     def flwr(self, args: Sequence[str], timeout: float = 300.0) -> str:
         if not self.alive():  # else `flwr ... local` would start a SuperLink of its own
             raise BenchError("the simulation SuperLink is not running")
-        done = subprocess.run(
-            [_bin("flwr"), *args],
-            env=self.env,
-            cwd=self.root,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise BenchError(
-                f"flwr {' '.join(args[:2])} failed ({done.returncode}): "
-                f"{(done.stdout + done.stderr).strip()[-800:]}"
-            )
-        return done.stdout
+        return run_flwr(args, env=self.env, cwd=self.root, timeout=timeout)
 
     def stop(self, grace: float = 20.0) -> None:
         if self.popen is None:
@@ -661,11 +635,6 @@ class SimLink:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
-
-
-def _bin(name: str) -> str:
-    local = Path(sys.executable).with_name(name)
-    return str(local) if local.exists() else (shutil.which(name) or name)
 
 
 def _simulation_app(root: Path) -> tuple[Path | None, str]:

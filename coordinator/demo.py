@@ -47,9 +47,15 @@ def app_dir() -> Path:
 
 
 def prepare_sites(
-    root: Path, n_sites: int, seed: int, rho: float = 0.25, clients: tuple[int, int] = (400, 3000)
+    root: Path,
+    n_sites: int,
+    seed: int,
+    rho: float = 0.25,
+    clients: tuple[int, int] = (400, 3000),
+    budget_rho: float | None = None,
 ) -> list[Path]:
-    """Synthetic clinics, each with a privacy policy allowing the demo study."""
+    """Synthetic clinics, each with a privacy policy allowing the demo study (and, unless
+    ``budget_rho`` says otherwise, a budget for 4 such studies)."""
     configs = []
     for site in synthesize(n_sites, root / "sites", seed=seed, clients_range=clients):
         doc = yaml.safe_load(site.config_path.read_text())
@@ -59,7 +65,7 @@ def prepare_sites(
             "unit": "client_id",
             "max_episodes_per_client": 1,
             "per_study": {"rho": rho},
-            "budget": {"rho": 4 * rho, "period_days": 365},
+            "budget": {"rho": 4 * rho if budget_rho is None else budget_rho, "period_days": 365},
             "allow": {"instruments": ["PHQ-9"], "families": FAMILIES},
             "approval": "auto",
             "state_dir": "state/",
