@@ -57,10 +57,30 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def _bin(name: str) -> str:
-    # The daemons installed beside this interpreter, so a venv's own flwr is used.
+def installed_bin(name: str) -> str:
+    """The program installed beside this interpreter, so a venv's own flwr is used."""
     local = Path(sys.executable).with_name(name)
     return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def run_flwr(args: Sequence[str], *, env: Mapping[str, str], cwd: Path, timeout: float) -> str:
+    """``flwr ARGS`` (the CLI), its stdout; NetworkError with the output's tail if it fails."""
+    done = subprocess.run(
+        [installed_bin("flwr"), *args],
+        env=dict(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise NetworkError(
+            f"flwr {' '.join(args[:2])} failed ({done.returncode}): "
+            f"{(done.stdout + done.stderr).strip()[-800:]}"
+        )
+    return done.stdout
 
 
 @dataclass
@@ -199,7 +219,7 @@ class LocalNetwork:
         link = self._start(
             "superlink",
             [
-                _bin("flower-superlink"),
+                installed_bin("flower-superlink"),
                 "--ssl-ca-certfile",
                 str(pki / netpki.CA_CERT),
                 "--ssl-certfile",
@@ -230,7 +250,7 @@ class LocalNetwork:
         link = self._start(
             "superlink-simulation",
             [
-                _bin("flower-superlink"),
+                installed_bin("flower-superlink"),
                 "--insecure",
                 "--simulation",
                 "--isolation",
@@ -262,7 +282,10 @@ class LocalNetwork:
         sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         proc = self._start(
             f"agent-{site_id}",
-            [_bin("outcomebench-site"), "serve", "--config", str(config), "--socket", str(sock)],
+            [
+                installed_bin("outcomebench-site"),
+                *("serve", "--config", str(config), "--socket", str(sock)),
+            ],
         )
         self._wait_file(sock, proc)
         self.sockets[site_id] = sock
@@ -273,7 +296,7 @@ class LocalNetwork:
         if self.pki_dir is None:
             raise NetworkError("start the network first")
         argv = [
-            _bin("flower-supernode"),
+            installed_bin("flower-supernode"),
             "--superlink",
             f"127.0.0.1:{self.port}",
             "--auth-supernode-private-key",
@@ -289,22 +312,7 @@ class LocalNetwork:
         return self._start(f"supernode-{site_id}", argv)
 
     def flwr(self, args: Sequence[str], timeout: float = 120.0) -> str:
-        done = subprocess.run(
-            [_bin("flwr"), *args],
-            env=self.env,
-            cwd=self.root,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise NetworkError(
-                f"flwr {' '.join(args[:2])} failed ({done.returncode}): "
-                f"{(done.stdout + done.stderr).strip()[-800:]}"
-            )
-        return done.stdout
+        return run_flwr(args, env=self.env, cwd=self.root, timeout=timeout)
 
     def online_nodes(self) -> int:
         out = json.loads(self.flwr(["supernode", "ls", CONNECTION, "--format", "json"]))

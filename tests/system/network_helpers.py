@@ -19,7 +19,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 
 from coordinator import pki as netpki
-from coordinator.localnet import CONNECTION, LocalNetwork, _bin, free_port
+from coordinator.localnet import CONNECTION, LocalNetwork, free_port, installed_bin
 from site_agent import crypto as scrypto
 
 FAMILIES = ["counts", "change", "categories", "trajectory", "histogram"]
@@ -165,7 +165,7 @@ def start_plaintext_supernode(net: LocalNetwork, name: str) -> Any:
     """A SuperNode speaking plaintext (``--insecure``, so no node key either: Flower
     refuses a node key without TLS before connecting) to the TLS SuperLink."""
     argv = [
-        _bin("flower-supernode"),
+        installed_bin("flower-supernode"),
         "--superlink",
         f"127.0.0.1:{net.port}",
         "--insecure",
