@@ -18,7 +18,7 @@ from site_agent.config import SiteConfig, load_site_config
 from site_agent.data import Intake, read_intake
 from site_agent.errors import EXIT_HELP, ConfigError, DataError, ExitCode, refusal_exit
 from site_agent.outcomes import derive_episodes
-from site_agent.privacy import Refused, ReleaseEngine, load_policy, load_study_request
+from site_agent.privacy import Refused, ReleaseEngine, load_engine, load_policy, load_study_request
 from site_agent.report import compare, load_benchmark, write_comparison
 from site_agent.summary import LOCAL_ONLY, summarize
 
@@ -192,19 +192,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _engine(args: argparse.Namespace) -> ReleaseEngine:
-    cfg = load_site_config(args.config)
-    if cfg.privacy_policy is None:
-        raise ConfigError(
-            str(cfg.source),
-            [
-                "privacy_policy: missing; add `privacy_policy: privacy.yaml` naming the privacy "
-                "officer's policy (see configs/privacy.example.yaml)"
-            ],
-        )
-    policy = load_policy(cfg.privacy_policy)
-    for note in policy.warnings:
+    engine = load_engine(args.config)
+    for note in engine.policy.warnings:
         print(f"warning: {note}", file=sys.stderr)
-    return ReleaseEngine(cfg, policy)
+    return engine
 
 
 def _emit(args: argparse.Namespace, doc: Any, text: Callable[[Any], None]) -> None:

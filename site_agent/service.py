@@ -43,9 +43,8 @@ from protocols.errors import SpecError
 from protocols.release import parse_envelope
 from protocols.study import SCHEMA_VERSION, Family, study_from_canonical
 from site_agent.agent_client import CHANNEL_OPTIONS, SERVICE_NAME
-from site_agent.config import load_site_config
 from site_agent.errors import ConfigError
-from site_agent.privacy import Refused, ReleaseEngine, StudyRequest, load_policy
+from site_agent.privacy import Refused, ReleaseEngine, StudyRequest, load_engine
 
 __all__ = [
     "GRACE_SECONDS",
@@ -66,23 +65,6 @@ _SUN_PATH_MAX = 107  # bytes in a Unix socket path (sockaddr_un.sun_path less it
 log = logging.getLogger("outcomebench.site.service")
 
 _T = TypeVar("_T")
-
-
-def load_engine(config: Path) -> ReleaseEngine:
-    """The site's release engine from ``site.yaml`` and the privacy policy it names."""
-    cfg = load_site_config(config)
-    if cfg.privacy_policy is None:
-        raise ConfigError(
-            str(cfg.source),
-            [
-                "privacy_policy: missing; add `privacy_policy: privacy.yaml` naming the privacy "
-                "officer's policy (see configs/privacy.example.yaml)"
-            ],
-        )
-    policy = load_policy(cfg.privacy_policy)
-    for note in policy.warnings:
-        log.warning("%s", note)
-    return ReleaseEngine(cfg, policy)
 
 
 def parse_study_message(msg: pb.StudyMessage) -> StudyRequest:
@@ -353,6 +335,8 @@ def serve(
         format="%(asctime)s outcomebench-site serve %(levelname)s: %(message)s",
     )
     engine = load_engine(config_path)
+    for note in engine.policy.warnings:
+        log.warning("%s", note)
     server = AgentServer(
         engine, socket_path or engine.policy.state_dir / SOCKET_NAME, socket_group=socket_group
     )

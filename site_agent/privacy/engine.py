@@ -25,9 +25,9 @@ from protocols.layout import block_layout, budget_weights
 from protocols.release import Envelope, NoisyBlock, SiteRelease, parse_envelope
 from protocols.study import Study, parse_study, study_from_canonical
 from site_agent import crypto
-from site_agent.config import SiteConfig
+from site_agent.config import SiteConfig, load_site_config
 from site_agent.data import read_intake
-from site_agent.errors import DataError
+from site_agent.errors import ConfigError, DataError
 from site_agent.outcomes import derive_episodes
 from site_agent.privacy.accounting import (
     MECHANISM,
@@ -40,10 +40,17 @@ from site_agent.privacy.accounting import (
     zcdp_to_epsilon,
 )
 from site_agent.privacy.ledger import Ledger, LedgerRefusal
-from site_agent.privacy.policy import Approval, PrivacyPolicy, to_rho
+from site_agent.privacy.policy import Approval, PrivacyPolicy, load_policy, to_rho
 from site_agent.privacy.statistics import exact_blocks, select_episodes
 
-__all__ = ["Plan", "Refused", "ReleaseEngine", "StudyRequest", "load_study_request"]
+__all__ = [
+    "Plan",
+    "Refused",
+    "ReleaseEngine",
+    "StudyRequest",
+    "load_engine",
+    "load_study_request",
+]
 
 
 class Refused(Exception):
@@ -365,3 +372,18 @@ class ReleaseEngine:
             versions=_versions(),
         )
         return crypto.sign(key, "release", release.canonical_bytes()).dumps().encode()
+
+
+def load_engine(config: Path) -> ReleaseEngine:
+    """The site's release engine from ``site.yaml`` and the privacy policy it names;
+    ConfigError if either is invalid. The policy's warnings are the caller's to show."""
+    cfg = load_site_config(config)
+    if cfg.privacy_policy is None:
+        raise ConfigError(
+            str(cfg.source),
+            [
+                "privacy_policy: missing; add `privacy_policy: privacy.yaml` naming the privacy "
+                "officer's policy (see configs/privacy.example.yaml)"
+            ],
+        )
+    return ReleaseEngine(cfg, load_policy(cfg.privacy_policy))
