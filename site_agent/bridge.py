@@ -35,16 +35,23 @@ def _refusal(code: str, site_id: str) -> Reply:
             "site_id": site_id}
 
 
+def study_record(content: RecordDict) -> tuple[bytes, bytes | None]:
+    """The study's canonical bytes and its signed envelope (if any) from a ``query.study``
+    message; KeyError or TypeError when the message is not shaped so."""
+    record = content["study"]
+    canonical = record["canonical"]
+    envelope = record.get("envelope")
+    if not isinstance(canonical, bytes) or not isinstance(envelope, bytes | None):
+        raise TypeError("study")
+    return canonical, envelope
+
+
 def answer(content: RecordDict, node_config: dict[str, bool | float | int | str]) -> Reply:
     """The reply record for one study message (the whole bridge, without Flower)."""
     socket = str(node_config.get("agent-socket", ""))
     site_id = str(node_config.get("site-id", ""))
     try:
-        record = content["study"]
-        canonical = record["canonical"]
-        envelope = record.get("envelope")
-        if not isinstance(canonical, bytes) or not isinstance(envelope, bytes | None):
-            raise TypeError("study")
+        canonical, envelope = study_record(content)
     except (KeyError, TypeError):
         return _refusal(ErrorCode.MALFORMED_STUDY.value, site_id)
     try:

@@ -19,10 +19,8 @@ from protocols.codes import ErrorCode
 from protocols.errors import SpecError
 from protocols.release import parse_envelope
 from protocols.study import study_from_canonical
-from site_agent.bridge import Reply, _refusal
-from site_agent.config import load_site_config
-from site_agent.errors import ConfigError
-from site_agent.privacy import Refused, ReleaseEngine, StudyRequest, load_policy
+from site_agent.bridge import Reply, _refusal, study_record
+from site_agent.privacy import Refused, StudyRequest, load_engine
 
 __all__ = ["app"]
 
@@ -39,25 +37,19 @@ def answer(content: RecordDict, sites: Path, partition: int) -> Reply:
     config = configs[partition]
     site_id = config.parent.name
     try:
-        record = content["study"]
-        canonical = record["canonical"]
-        envelope = record.get("envelope")
-        if not isinstance(canonical, bytes) or not isinstance(envelope, bytes | None):
-            raise TypeError("study")
+        canonical, envelope = study_record(content)
         req = StudyRequest(study_from_canonical(canonical),
                            None if envelope is None else parse_envelope(envelope, "study"))
     except (KeyError, TypeError, SpecError):
         return _refusal(ErrorCode.MALFORMED_STUDY.value, site_id)
     try:
-        cfg = load_site_config(config)
-        if cfg.privacy_policy is None:
-            raise ConfigError(str(config), ["no privacy policy"])
-        body = ReleaseEngine(cfg, load_policy(cfg.privacy_policy)).release(req)
-    except Refused as r:
-        return _refusal(r.code.value, cfg.site_id)
+        engine = load_engine(config)
+        body = engine.release(req)
+    except Refused as r:  # only the release refuses: the engine exists
+        return _refusal(r.code.value, engine.site.site_id)
     except Exception:  # a code, never the text
         return _refusal(ErrorCode.INTERNAL_ERROR.value, site_id)
-    return {"status": "ok", "release": body, "site_id": cfg.site_id}
+    return {"status": "ok", "release": body, "site_id": engine.site.site_id}
 
 
 @app.query("study")
