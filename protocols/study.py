@@ -33,6 +33,7 @@ __all__ = [
     "Family",
     "PrivacyRequest",
     "Study",
+    "parse_families",
     "parse_loss",
     "parse_study",
     "study_from_canonical",
@@ -210,6 +211,22 @@ _STUDY_KEYS = (
 )
 
 
+def parse_families(
+    raw: Any, where: str, problems: list[str], *, empty: bool = True
+) -> list[Family]:
+    """The statistic families in a YAML list (each problem appended, naming ``where``)."""
+    if not isinstance(raw, list) or (not raw and not empty):
+        problems.append(f"{where}: expected a list from {', '.join(Family)}")
+        return []
+    families: list[Family] = []
+    for f in raw:
+        try:
+            families.append(Family(f))
+        except ValueError:
+            problems.append(f"{where}: unknown family {f!r}{did_you_mean(str(f), list(Family))}")
+    return families
+
+
 def parse_study(doc: Any, where: str = "study") -> Study:
     """Validate a study draft (the YAML mapping, with or without a top ``study:`` key)."""
     if isinstance(doc, Mapping) and set(doc) == {"study"}:
@@ -245,20 +262,9 @@ def parse_study(doc: Any, where: str = "study") -> Study:
 
     bands = _parse_bands(doc.get("bands"), instrument, where, problems)
 
-    families: list[Family] = []
-    raw_f = doc.get("families")
-    if not isinstance(raw_f, list) or not raw_f:
-        problems.append(f"{where}.families: expected a list from {', '.join(Family)}")
-    else:
-        for f in raw_f:
-            try:
-                families.append(Family(f))
-            except ValueError:
-                problems.append(
-                    f"{where}.families: unknown family {f!r}{did_you_mean(str(f), list(Family))}"
-                )
-        if len(set(families)) != len(families):
-            problems.append(f"{where}.families: a family is listed twice")
+    families = parse_families(doc.get("families"), f"{where}.families", problems, empty=False)
+    if len(set(families)) != len(families):
+        problems.append(f"{where}.families: a family is listed twice")
     ordered = tuple(f for f in Family if f in families)
 
     k = doc.get("max_session", 20)

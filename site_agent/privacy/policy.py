@@ -14,8 +14,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from protocols.spec import did_you_mean, read_yaml, unknown_keys
-from protocols.study import Family, PrivacyRequest, parse_loss
+from protocols.spec import read_yaml, unknown_keys
+from protocols.study import Family, PrivacyRequest, parse_families, parse_loss
 from site_agent.errors import ConfigError
 from site_agent.privacy.accounting import rho_for_epsilon, zcdp_to_epsilon
 
@@ -130,20 +130,9 @@ def load_policy(path: Path | str, *, site_unit_column: str = "client_id") -> Pri
             problems.append("privacy.allow.instruments: expected a list of instrument ids")
         else:
             instruments = frozenset(ins)
-        fams = allow.get("families")
-        if not isinstance(fams, list):
-            problems.append(f"privacy.allow.families: expected a list from {', '.join(Family)}")
-        else:
-            out = set()
-            for f in fams:
-                try:
-                    out.add(Family(f))
-                except ValueError:
-                    problems.append(
-                        f"privacy.allow.families: unknown family {f!r}"
-                        f"{did_you_mean(str(f), list(Family))}"
-                    )
-            families = frozenset(out)
+        families = frozenset(
+            parse_families(allow.get("families"), "privacy.allow.families", problems)
+        )
 
     approval_raw = doc.get("approval", "manual")
     try:
