@@ -149,16 +149,20 @@ def block_layout(study: Study) -> tuple[BlockSpec, ...]:
     return tuple(blocks)
 
 
-def _numerators() -> dict[str, frozenset[str]]:
-    change = ("sum_intake", "sum_final", "sum_change", "sum_change_sq", "sum_intake_sq",
-              "sum_intake_change")
-    return {
-        COUNT_BLOCK: frozenset(change + CATEGORY_NAMES),
+_CHANGE_NAMES = (
+    "sum_intake",
+    "sum_final",
+    "sum_change",
+    "sum_change_sq",
+    "sum_intake_sq",
+    "sum_intake_change",
+)
+DENOMINATORS = MappingProxyType(
+    {
+        COUNT_BLOCK: frozenset(_CHANGE_NAMES + CATEGORY_NAMES),
         "traj_n": frozenset({"traj_sum", "traj_sum_sq"}),
     }
-
-
-DENOMINATORS = MappingProxyType(_numerators())
+)
 """Each denominator block and the blocks its published ratios divide by it."""
 
 
