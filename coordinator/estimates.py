@@ -363,13 +363,16 @@ def _fit_log_curve(xs: list[float], means: list[Estimate]) -> tuple[Estimate, Es
     y = np.array([m.value for m in means], dtype=np.float64)
     se_s = np.array([m.se_sampling for m in means])
     se_n = np.array([m.se_noise for m in means])
-    wt = 1 / (se_s**2 + se_n**2)
     design = np.column_stack([np.ones_like(x), x])
-    try:
-        lin = np.linalg.solve(design.T @ (design * wt[:, None]), design.T * wt)  # 2 x K
-    except np.linalg.LinAlgError:
-        lin = np.full((2, len(xs)), np.nan)
-    beta = lin @ y
+    # A variance near zero (or subnormal) overflows 1/variance: that is a curve the sums
+    # do not determine, not an error.
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        wt = 1 / (se_s**2 + se_n**2)
+        try:
+            lin = np.linalg.solve(design.T @ (design * wt[:, None]), design.T * wt)  # 2 x K
+        except np.linalg.LinAlgError:
+            lin = np.full((2, len(xs)), np.nan)
+        beta = lin @ y
     if not np.isfinite(beta).all() or not np.isfinite(lin).all():
         reason = "the noisy session means do not determine a curve"
         return suppressed(reason), suppressed(reason)
