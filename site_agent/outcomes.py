@@ -4,7 +4,7 @@ For each client episode: intake and final score, sessions, change (positive = im
 whatever the instrument's direction), reliable change, caseness at start and end, NHS
 Talking Therapies recovery and reliable recovery (single-measure versions),
 Jacobson-Truax categories, response, remission, the intake band and the score at each
-session number 1..K. Definitions follow ../shared/docs/DOMAIN.md:
+session number 1..K. Definitions follow docs/METHODS.md:
 
 - reliable improvement: change >= reliable_change points; reliable deterioration:
   change <= -reliable_change; otherwise no reliable change;

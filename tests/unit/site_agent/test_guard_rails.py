@@ -80,3 +80,31 @@ def test_the_vetted_sampler_runs() -> None:
     assert "AtomDomain(T=i64)" in str(m.input_domain)
     assert Fraction(m.map(block.d_in)) == block.rho <= Fraction(1, 2)
     assert "discrete Gaussian" in MECHANISM
+
+
+FLOWER_ADAPTERS = {
+    REPO / "site_agent" / "bridge.py",
+    REPO / "site_agent" / "simulated.py",
+    REPO / "coordinator" / "app.py",
+}
+
+
+def test_flower_only_in_its_thin_adapters() -> None:
+    for pkg in PRODUCT:
+        for f in _files(pkg):
+            uses = any(n == "flwr" or n.startswith("flwr.") for n in _imports(f))
+            assert not uses or f in FLOWER_ADAPTERS, f
+
+
+def test_the_project_stands_alone() -> None:
+    # A clone has no ../shared: nothing a user reads or runs may point there.
+    readers = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
+               *sorted((REPO / "configs").iterdir()), *sorted((REPO / "deploy").rglob("*")),
+               *sorted((REPO / "protocols" / "data").iterdir())]
+    for pkg in PRODUCT:
+        readers += _files(pkg)
+    offenders = [str(f.relative_to(REPO)) for f in readers
+                 if f.is_file() and "../shared" in f.read_text(encoding="utf-8", errors="replace")]
+    assert not offenders
+    for doc in ("ARCHITECTURE.md", "PRIVACY.md", "METHODS.md", "DEPLOYMENT.md"):
+        assert (REPO / "docs" / doc).is_file(), doc
