@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -262,6 +264,23 @@ def _print_preview(d: dict[str, Any]) -> None:
     print(f"  outcome: {outcome}")
 
 
+def _write_atomically(path: Path, body: bytes) -> None:
+    """Write under a fresh, unpredictable name beside ``path`` (created exclusively, so a
+    planted symlink is never followed), flush it to disk, then rename over ``path``: a
+    crash never leaves half a release, and nobody can redirect the write."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def _release(args: argparse.Namespace) -> int:
     engine = _engine(args)
     try:
@@ -270,10 +289,7 @@ def _release(args: argparse.Namespace) -> int:
     except Refused as r:
         return _refused(args, r)
     try:
-        # Written under a temporary name and renamed, so a crash never leaves half a file.
-        tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(body)
-        tmp.replace(args.out)
+        _write_atomically(args.out, body)
     except OSError as exc:
         print(
             f"{args.out}: cannot write ({exc.strerror}); the release is cached in the "
@@ -554,6 +570,12 @@ def _print_summary(doc: dict[str, Any]) -> None:
                     ]
                 )
             )
+        steps = [
+            f"{s['session']}: {s['mean_change']} (n {s['clients']})"
+            for s in ins["groups"][0]["trajectory"]
+            if s["clients"]
+        ]
+        print("mean change from intake by session (all intakes): " + ("; ".join(steps) or "-"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -94,6 +94,22 @@ def signed_by(env: Envelope, key_file: Path) -> bool:
     return trusted(env, [key_file])
 
 
+def public_key_problem(path: Path) -> str | None:
+    """Why ``path`` is not a usable Ed25519 public key file (PEM), or None: so that a
+    mistyped --key is named as such instead of as an untrusted signature."""
+    try:
+        pub = serialization.load_pem_public_key(path.read_bytes())
+    except FileNotFoundError:
+        return f"{path}: no such key file; pass the network's public key (PEM) with --key"
+    except OSError as exc:
+        return f"{path}: cannot read the key file ({exc.strerror})"
+    except ValueError:
+        return f"{path}: not a PEM public key; pass the network's public key file (*.pub.pem)"
+    if not isinstance(pub, Ed25519PublicKey):
+        return f"{path}: not an Ed25519 public key; pass the network's public key (*.pub.pem)"
+    return None
+
+
 def trusted(env: Envelope, key_files: Iterable[Path]) -> bool:
     """Signed by one of the trusted public keys (PEM files), and the signature verifies."""
     for path in key_files:

@@ -45,6 +45,9 @@ def load_benchmark(bundle: Path, keys: Iterable[Path]) -> dict[str, Any]:
                 "NETWORK_PUB or list it in trusted_coordinator_keys"
             ],
         )
+    bad_keys = [p for p in (crypto.public_key_problem(k) for k in keys) if p]
+    if bad_keys:
+        raise SpecError(str(bundle), bad_keys)
     env = read_manifest(bundle)
     if not any(crypto.signed_by(env, k) for k in keys):
         raise SpecError(
@@ -79,7 +82,22 @@ def _value(est: Mapping[str, Any] | None) -> float | None:
 
 
 def _interval(mean: float, se: float) -> list[float]:
-    return [round(mean - Z95 * se, 4), round(mean + Z95 * se, 4)]
+    # Plain floats: numpy scalars would print as np.float64(...) in the report.
+    return [round(float(mean - Z95 * se), 4), round(float(mean + Z95 * se), 4)]
+
+
+def _shown(value: Any) -> str:
+    """A value as a reader sees it: numbers to 2 decimals, intervals as 'a to b'."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int | float | np.integer | np.floating):
+        x = float(value)
+        return str(int(x)) if x.is_integer() and abs(x) >= 10 else f"{x:.2f}"
+    if isinstance(value, list | tuple) and len(value) == 2:
+        return f"{_shown(value[0])} to {_shown(value[1])}"
+    return str(value)
 
 
 def compare(cfg: SiteConfig, doc: Mapping[str, Any]) -> Comparison:
@@ -260,14 +278,15 @@ def _table_html(rows: Sequence[Mapping[str, Any]]) -> str:
     if not rows:
         return "<p>None.</p>"
     cols = list(rows[0])
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    head = "".join(f"<th>{html.escape(str(c).replace('_', ' '))}</th>" for c in cols)
     body = "".join(
-        "<tr>"
-        + "".join(f"<td>{html.escape('' if r[c] is None else str(r[c]))}</td>" for c in cols)
-        + "</tr>"
+        "<tr>" + "".join(f"<td>{html.escape(_shown(r[c]))}</td>" for c in cols) + "</tr>"
         for r in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (
+        f'<div class="wide"><table><thead><tr>{head}</tr></thead>'
+        f"<tbody>{body}</tbody></table></div>"
+    )
 
 
 def write_comparison(out: Path, comp: Comparison, doc: Mapping[str, Any]) -> list[Path]:
@@ -303,8 +322,10 @@ def _html(comp: Comparison, doc: Mapping[str, Any], on_track: pd.DataFrame) -> s
 <title>Local comparison: {html.escape(comp.site_id)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}}
 .local{{background:#fff3cd;border:2px solid #d39e00;padding:.8em;font-weight:bold}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:.3em .6em;
-text-align:right}}th{{background:#f2f2f2}}</style></head><body>
+.wide{{overflow-x:auto;max-width:100%}}
+table{{border-collapse:collapse;margin:1em 0;font-size:.92em}}
+td,th{{border:1px solid #ccc;padding:.3em .5em;text-align:right}}
+th{{background:#f2f2f2;max-width:9em}}</style></head><body>
 <p class="local">{html.escape(LOCAL_ONLY)} This comparison is for the clinic only.</p>
 <h1>{html.escape(comp.site_id)}: {html.escape(comp.instrument)} compared with
 {html.escape(str(doc["study"]["title"]))}</h1>
@@ -313,9 +334,10 @@ text-align:right}}th{{background:#f2f2f2}}</style></head><body>
 {doc["privacy"]["sites"]} services. Change is positive for improvement.</p>
 <h2>Observed vs expected change by intake band</h2>{_table_html(comp.bands)}
 <h2>Effect sizes</h2>
-<p>Effect size (mean change / benchmark intake SD): {es.get("value")} (95% CI {es.get("ci95")}),
-{es.get("episodes")} episodes.</p>
-<p>Severity-adjusted effect size (ACORN): {saes.get("value")} (95% CI {saes.get("ci95")})
+<p>Effect size (mean change / benchmark intake SD): {_shown(es.get("value"))}
+(95% CI {_shown(es.get("ci95"))}), {es.get("episodes")} episodes.</p>
+<p>Severity-adjusted effect size (ACORN): {_shown(saes.get("value"))}
+(95% CI {_shown(saes.get("ci95"))})
 {html.escape(str(saes.get("acorn_label_90pct") or saes.get("reason") or ""))}.</p>
 <h2>Clients still in treatment</h2>
 <p>{", ".join(f"{html.escape(str(k))}: {v}" for k, v in counts.items()) or "None."}

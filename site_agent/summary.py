@@ -6,6 +6,10 @@ and never leave the site: nothing here is differentially private.
 Effect size: mean change divided by the SD of intake scores of the instrument's episodes
 at caseness at intake (ACORN's convention), the same reference SD for every band so
 that bands are comparable; improvement is positive.
+
+Trajectory: per session number 1..K (``--max-session``), the clients with a score at that
+session and their mean change from intake (improvement positive), as the published
+expected trajectory is defined.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from site_agent.outcomes import JT, Episodes, Reliable
+from protocols.instruments import Better
+from site_agent.outcomes import JT, MISSING, Episodes, Reliable
 
 __all__ = ["LOCAL_ONLY", "summarize"]
 
@@ -29,6 +34,26 @@ LOCAL_ONLY = (
 
 def _num(x: float) -> float | None:
     return None if not math.isfinite(x) else round(float(x), 4)
+
+
+def _trajectory(
+    t: pd.DataFrame, traj: np.ndarray[Any, Any], better: Better
+) -> list[dict[str, Any]]:
+    rows = t.index.to_numpy()
+    scores = traj[rows].astype(np.float64)
+    seen = traj[rows] != MISSING
+    intake = t["intake"].to_numpy(dtype=np.float64)[:, None]
+    change = intake - scores if better is Better.LOWER else scores - intake
+    clients = seen.sum(axis=0)
+    total = np.where(seen, change, 0.0).sum(axis=0)
+    return [
+        {
+            "session": k + 1,
+            "clients": int(clients[k]),
+            "mean_change": _num(total[k] / clients[k]) if clients[k] else None,
+        }
+        for k in range(traj.shape[1])
+    ]
 
 
 def _group(t: pd.DataFrame, ref_sd: float, has_rc: bool) -> dict[str, Any]:
@@ -77,15 +102,23 @@ def summarize(episodes: Mapping[str, Episodes]) -> list[dict[str, Any]]:
         ins = ep.instrument
         clinical = t.loc[t["case_start"], "intake"]
         ref_sd = float(clinical.std(ddof=1)) if len(clinical) > 1 else math.nan
+        t = t.reset_index(drop=True)  # row i is episode i of ep.trajectory
         groups = [
-            {"band": "all", "label": "all intakes", **_group(t, ref_sd, ep.has_reliable_change)}
+            {
+                "band": "all",
+                "label": "all intakes",
+                **_group(t, ref_sd, ep.has_reliable_change),
+                "trajectory": _trajectory(t, ep.trajectory, ins.better),
+            }
         ]
         for i, band in enumerate(ins.bands):
+            sub = t[t["band"] == i]
             groups.append(
                 {
                     "band": band.name,
                     "label": band.label,
-                    **_group(t[t["band"] == i], ref_sd, ep.has_reliable_change),
+                    **_group(sub, ref_sd, ep.has_reliable_change),
+                    "trajectory": _trajectory(sub, ep.trajectory, ins.better),
                 }
             )
         result.append(

@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from coordinator import crypto as ccrypto
@@ -20,7 +21,7 @@ from site_agent.cli import main as site
 from .offline import study_doc
 
 
-def test_compare_with_suppressed_bands(tmp_path: Path) -> None:
+def test_compare_with_suppressed_bands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     study = parse_study(study_doc())
     blocks = {}
     for spec in block_layout(study):
@@ -93,4 +94,16 @@ def test_compare_with_suppressed_bands(tmp_path: Path) -> None:
         r["status"] for r in csv.DictReader((out / "on_track.csv").read_text().splitlines())
     }
     assert statuses <= {"on track", "not on track", "no benchmark for this session"}
-    assert "LOCAL ONLY" in (out / "comparison.html").read_text()
+    page = (out / "comparison.html").read_text()
+    assert "LOCAL ONLY" in page and "np.float64" not in page and 'class="wide"' in page
+    assert " to " in page  # intervals read "a to b"
+
+    # A mistyped key is named as such, not as an untrusted signature.
+    args = ["compare", "--config", str(clinic.config_path), "--benchmark",
+            str(tmp_path / "bundle"), "--out", str(tmp_path / "out2")]
+    assert site([*args, "--key", str(tmp_path / "missing.pem")]) == 4
+    err = capsys.readouterr().err
+    assert "missing.pem: no such key file" in err and "not signed" not in err
+    (tmp_path / "garbage.pem").write_text("not a key")
+    assert site([*args, "--key", str(tmp_path / "garbage.pem")]) == 4
+    assert "not a PEM public key" in capsys.readouterr().err

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from site_agent.cli import main
+from site_agent.cli import _write_atomically, main
 from site_agent.errors import EXIT_HELP, ExitCode
 
 from .helpers import HEADER, write_site
@@ -86,3 +87,37 @@ def test_text_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["summary", "--config", str(tmp_path / "site.yaml")]) == 0
     out = capsys.readouterr().out
     assert "LOCAL ONLY" in out and "PHQ-9" in out and "10-14" in out
+
+
+def test_summary_trajectory_follows_max_session(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    write_site(tmp_path, GOOD)
+    cfg = str(tmp_path / "site.yaml")
+    assert main(["summary", "--config", cfg, "--json", "--max-session", "3"]) == 0
+    groups = {g["band"]: g for g in json.loads(capsys.readouterr().out)["instruments"][0]["groups"]}
+    # a: 20 -> 13, b: 12 -> 11; change from intake is positive for improvement
+    assert groups["all"]["trajectory"] == [
+        {"session": 1, "clients": 2, "mean_change": 0.0},
+        {"session": 2, "clients": 2, "mean_change": 4.0},
+        {"session": 3, "clients": 0, "mean_change": None},
+    ]
+    assert groups["20-27"]["trajectory"][1] == {"session": 2, "clients": 1, "mean_change": 7.0}
+    assert main(["summary", "--config", cfg, "--json", "--max-session", "1"]) == 0
+    one = json.loads(capsys.readouterr().out)["instruments"][0]["groups"][0]["trajectory"]
+    assert [s["session"] for s in one] == [1]
+    assert main(["summary", "--config", cfg, "--max-session", "2"]) == 0
+    assert "2: 4.0 (n 2)" in capsys.readouterr().out
+
+
+def test_release_file_written_without_following_planted_links(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "release.json"
+    # The name the old code used: a link planted there must not redirect the write.
+    (tmp_path / f".release.json.tmp-{os.getpid()}").symlink_to(victim)
+    _write_atomically(out, b'{"signed": true}')
+    assert out.read_bytes() == b'{"signed": true}' and victim.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f".release.json.tmp-{os.getpid()}", "release.json", "victim.txt"])
+    with pytest.raises(OSError):
+        _write_atomically(tmp_path / "missing-dir" / "r.json", b"x")
