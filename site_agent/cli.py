@@ -421,7 +421,11 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _pubkey(args: argparse.Namespace) -> int:
     engine = _engine(args)
-    print(crypto.public_pem(crypto.load_or_create_key(engine.policy.state_dir)), end="")
+    key = crypto.load_or_create_key(engine.policy.state_dir)
+    print(crypto.public_pem(key), end="")
+    # On stderr, so that `pubkey > site.pem` still writes a clean PEM file.
+    print(f"fingerprint {crypto.fingerprint(key)} (confirm it with the network out of band)",
+          file=sys.stderr)
     return ExitCode.OK
 
 

@@ -4,6 +4,7 @@ coordinator's study signatures."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 from collections.abc import Iterable
@@ -72,6 +73,16 @@ def public_pem(key: Ed25519PrivateKey) -> str:
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         .decode()
     )
+
+
+def fingerprint(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
+    """SHA-256 of the public key's DER form, as ``openssl pkey -pubin -outform DER |
+    sha256sum`` prints it: what a site reads to the network to confirm its key."""
+    pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    der = pub.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "SHA256:" + hashlib.sha256(der).hexdigest()
 
 
 def sign(key: Ed25519PrivateKey, kind: str, payload: bytes) -> Envelope:

@@ -291,7 +291,10 @@ class AgentServer:
                 raise ConfigError(
                     where, [f"--socket-group: no group {self.socket_group!r}"]
                 ) from None
-            os.chown(self.socket_path, -1, gid)
+            # In a setgid directory of that group the socket already has it; skipping the
+            # chown then lets the unit's seccomp filter (~@privileged) stay strict.
+            if self.socket_path.lstat().st_gid != gid:
+                os.chown(self.socket_path, -1, gid)
             os.chmod(self.socket_path, 0o660)
         st = self.socket_path.lstat()
         self._inode = (st.st_dev, st.st_ino)
