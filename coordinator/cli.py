@@ -68,6 +68,7 @@ class ExitCode(IntEnum):
     INPUT_ERROR = 4
     QUORUM = 5
     VERIFY_FAILED = 6
+    INTERRUPTED = 130
 
 
 EXIT_CODE_HELP: Mapping[ExitCode, str] = MappingProxyType(
@@ -79,6 +80,7 @@ EXIT_CODE_HELP: Mapping[ExitCode, str] = MappingProxyType(
         ExitCode.INPUT_ERROR: "a study, release or key file is invalid",
         ExitCode.QUORUM: "fewer valid releases than the study's min_sites: nothing was published",
         ExitCode.VERIFY_FAILED: "the bundle does not match its signed manifest",
+        ExitCode.INTERRUPTED: "interrupted (Ctrl-C): every process the command started was stopped",
     }
 )
 
@@ -546,6 +548,11 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds the ServerApp waits for the sites' replies",
     )
     parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="delete an earlier demo in --out first (otherwise it is kept and the demo stops)",
+    )
+    parser.add_argument(
         "--engine",
         choices=("deployment", "simulation"),
         default="deployment",
@@ -562,6 +569,12 @@ def _demo_run(args: argparse.Namespace, stdout: TextIO) -> ExitCode:
             raise CommandError(
                 ExitCode.USAGE, f"{out} exists and is not a demo directory; choose another --out"
             )
+        if not args.replace:
+            raise CommandError(
+                ExitCode.USAGE,
+                f"{out} holds an earlier demo (its bundle, keys and logs); pass --replace to "
+                "delete it and run again, or choose another --out",
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / _DEMO_MARKER).write_text("created by outcomebench-coordinator demo\n")
@@ -575,7 +588,12 @@ def _demo_run(args: argparse.Namespace, stdout: TextIO) -> ExitCode:
     except DemoError as exc:
         raise CommandError(ExitCode.QUORUM, str(exc)) from None
     print(
-        f"\nbenchmark bundle verified: {result.bundle}\nreport: {result.bundle / 'report.html'}",
+        f"\nbenchmark bundle verified: {result.bundle}\n"
+        f"report:             {result.bundle / 'report.html'}\n"
+        f"network public key: {result.network_key}\n"
+        f"study:              {result.study}\n"
+        f"site configs:       {result.sites}/<site>/site.yaml and privacy.yaml\n"
+        f"logs:               {result.logs}",
         file=stdout,
     )
     return ExitCode.OK
@@ -639,6 +657,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(ExitCode.USAGE)
     try:
         return int(command.run(args, sys.stdout))
+    except KeyboardInterrupt:
+        # The commands stop what they started in `finally` blocks, which have run by now.
+        print(f"\n{PROG} {command.name}: interrupted", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
     except CommandError as exc:
         print(f"{PROG} {command.name}: error: {exc.message}", file=sys.stderr)
         return int(exc.code)

@@ -31,6 +31,10 @@ class DemoError(RuntimeError):
 class DemoResult:
     bundle: Path
     outcome: RunOutcome
+    network_key: Path  # the network's public key, to verify the bundle with
+    study: Path
+    sites: Path
+    logs: Path
 
 
 def app_dir() -> Path:
@@ -149,11 +153,16 @@ def run_demo(root: Path, *, n_sites: int, seed: int, timeout: float, log: TextIO
     finally:
         net.stop()
         print("stopped every process the demo started", file=log)
-    return _finish(outcome, bundle, net.root / "pki" / NETWORK_PUB, net, log)
+    return _finish(outcome, bundle, net.root / "pki" / NETWORK_PUB, net, log, study)
 
 
 def _finish(
-    outcome: RunOutcome, bundle: Path, network_pub: Path, net: LocalNetwork, log: TextIO
+    outcome: RunOutcome,
+    bundle: Path,
+    network_pub: Path,
+    net: LocalNetwork,
+    log: TextIO,
+    study: Path,
 ) -> DemoResult:
     record = outcome.round
     print(
@@ -170,7 +179,14 @@ def _finish(
     problems = verify_bundle(bundle, crypto.load_public(network_pub))
     if problems:
         raise DemoError("the bundle does not verify: " + "; ".join(problems))
-    return DemoResult(bundle=bundle, outcome=outcome)
+    return DemoResult(
+        bundle=bundle,
+        outcome=outcome,
+        network_key=network_pub,
+        study=study,
+        sites=bundle.parent / "sites",
+        logs=net.root / "logs",
+    )
 
 
 def simulation_app_dir(root: Path) -> Path:
@@ -229,4 +245,4 @@ def run_simulation(
     finally:
         net.stop()
         print("stopped every process the demo started", file=log)
-    return _finish(outcome, bundle, pki_dir / NETWORK_PUB, net, log)
+    return _finish(outcome, bundle, pki_dir / NETWORK_PUB, net, log, study)

@@ -52,6 +52,9 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1",
             # Ray (simulation engine) reports usage statistics online unless told not to.
             "RAY_USAGE_STATS_ENABLED": "0",
+            # The SuperLink starts `flower-superexec` by name: find it beside this
+            # interpreter even when the venv was not activated.
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
         }
     )
     return env
