@@ -317,14 +317,20 @@ def _html(comp: Comparison, doc: Mapping[str, Any], on_track: pd.DataFrame) -> s
     counts = on_track["status"].value_counts().to_dict() if len(on_track) else {}
     es, saes = comp.effect_size, comp.severity_adjusted
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in comp.notes)
+    status_counts = (
+        ", ".join(f"{html.escape(str(k))}: {v}" for k, v in counts.items()) + "."
+        if counts
+        else "None."
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>Local comparison: {html.escape(comp.site_id)}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}}
+<style>body{{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;
+color:#222}}
 .local{{background:#fff3cd;border:2px solid #d39e00;padding:.8em;font-weight:bold}}
 .wide{{overflow-x:auto;max-width:100%}}
 table{{border-collapse:collapse;margin:1em 0;font-size:.92em}}
-td,th{{border:1px solid #ccc;padding:.3em .5em;text-align:right}}
+td,th{{border:1px solid #ccc;padding:.3em .5em;text-align:right}}td{{white-space:nowrap}}
 th{{background:#f2f2f2;max-width:9em}}</style></head><body>
 <p class="local">{html.escape(LOCAL_ONLY)} This comparison is for the clinic only.</p>
 <h1>{html.escape(comp.site_id)}: {html.escape(comp.instrument)} compared with
@@ -340,7 +346,7 @@ th{{background:#f2f2f2;max-width:9em}}</style></head><body>
 (95% CI {_shown(saes.get("ci95"))})
 {html.escape(str(saes.get("acorn_label_90pct") or saes.get("reason") or ""))}.</p>
 <h2>Clients still in treatment</h2>
-<p>{", ".join(f"{html.escape(str(k))}: {v}" for k, v in counts.items()) or "None."}
+<p>{status_counts}
 The list with client ids is in on_track.csv.</p>
 <ul>{notes}</ul></body></html>
 """
