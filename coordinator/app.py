@@ -6,7 +6,8 @@ site keys), ``out`` (a new bundle directory), ``signing-key`` (the network's pub
 key), ``timeout`` (seconds to wait for replies), ``wait-for-nodes`` and ``wait-timeout``
 (wait until that many nodes are online). A round record ``<out>.round.json`` says which
 sites contributed and why every other node did not; below the study's ``min_sites`` the
-run fails and nothing is published.
+run fails (QuorumNotReached) and nothing is published. Each reply is verified on its own: a
+malformed or lying release is listed with its reason and the round goes on.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from coordinator import crypto
 from coordinator.estimates import estimate_all
-from coordinator.pooling import pool, site_keys
+from coordinator.pooling import QuorumNotReached, pool, require_quorum, site_keys
 from coordinator.publish import benchmark_document, write_bundle
 from coordinator.rounds import NodeReply, RoundResult, run_round
 from coordinator.study import load_study
@@ -98,7 +99,8 @@ def _decode(node: int, reply: Message) -> NodeReply:
 
 
 def run_study(transport: FlowerTransport | Any, cfg: Mapping[str, Any]) -> RoundResult:
-    """The round, then pooling and publication. Raises RuntimeError below quorum."""
+    """The round, then pooling and publication. Raises QuorumNotReached below quorum,
+    after writing the round record."""
     study_path = Path(str(cfg["study"]))
     study = load_study(study_path)
     text = study_path.read_text(encoding="utf-8")
@@ -126,21 +128,21 @@ def run_study(transport: FlowerTransport | Any, cfg: Mapping[str, Any]) -> Round
         "duration_s": round(result.duration_s, 3),
         "published": False,
     }
-    published = len(result.contributions) >= study.min_sites
-    if published:
-        pooled = pool(study, result.contributions)
-        doc = benchmark_document(pooled, estimate_all(pooled), result.missing)
-        write_bundle(out, doc, crypto.load_private(Path(str(cfg["signing-key"]))))
-        record["published"] = True
-        record["bundle"] = str(out)
+    try:
+        require_quorum(study, result.contributions)
+    except QuorumNotReached:
+        _write_record(out, record)
+        raise
+    pooled = pool(study, result.contributions)
+    doc = benchmark_document(pooled, estimate_all(pooled), result.missing)
+    write_bundle(out, doc, crypto.load_private(Path(str(cfg["signing-key"]))))
+    _write_record(out, record | {"published": True, "bundle": str(out)})
+    return result
+
+
+def _write_record(out: Path, record: Mapping[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.round.json").write_text(json.dumps(record, indent=1) + "\n")
-    if not published:
-        raise RuntimeError(
-            f"quorum not reached: {len(result.contributions)} of "
-            f"{study.min_sites} sites; nothing was published"
-        )
-    return result
 
 
 app = ServerApp()

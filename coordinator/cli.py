@@ -36,7 +36,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from coordinator import crypto
 from coordinator.clinic_sizes import DEFAULT_CLIENTS_RANGE, MIN_CLIENTS
 from coordinator.estimates import estimate_all
-from coordinator.pooling import Contribution, Rejection, load_release_file, pool, site_keys
+from coordinator.pooling import (
+    Contribution,
+    QuorumNotReached,
+    Rejection,
+    load_release_file,
+    pool,
+    require_quorum,
+    site_keys,
+)
 from coordinator.publish import benchmark_document, verify_bundle, write_bundle
 from coordinator.study import load_study
 from protocols import SpecError, builtin_instruments
@@ -423,12 +431,10 @@ def _pool_run(args: argparse.Namespace, stdout: TextIO) -> ExitCode:
             f"refused {len(rejected)} release(s):\n{lines}"
             "\nfix or remove them, or pass --skip-invalid; nothing was published",
         )
-    if len(accepted) < study.min_sites:
-        raise CommandError(
-            ExitCode.QUORUM,
-            f"{len(accepted)} valid release(s), the study needs "
-            f"min_sites = {study.min_sites}; nothing was published",
-        )
+    try:
+        require_quorum(study, accepted)
+    except QuorumNotReached as exc:
+        raise CommandError(ExitCode.QUORUM, str(exc)) from None
     pooled = pool(study, accepted)
     doc = benchmark_document(pooled, estimate_all(pooled), rejected)
     try:

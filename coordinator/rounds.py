@@ -1,6 +1,8 @@
 """One study round over a transport: send the study to every online node, wait with a
 timeout, attribute replies by message id, verify and pool what came back, and record
-why every other node did not contribute. Flower stays in coordinator/app.py; this module
+why every other node did not contribute. Each reply is verified on its own
+(coordinator/pooling.py verify_release never raises), so one malformed or lying release
+is a line in ``missing``, not the end of the round. Flower stays in coordinator/app.py; this module
 only sees the small :class:`Transport` interface, with an in-memory twin for tests.
 """
 
@@ -53,7 +55,8 @@ class RoundResult:
 def verify_reply(
     reply: NodeReply, study: Study, keys: Mapping[str, Path]
 ) -> Contribution | Rejection:
-    who = f"node {reply.node_id}" + (f" ({reply.site_id})" if reply.site_id else "")
+    # The reply's own claim of who it is: shown, bounded, never used to attribute it.
+    who = f"node {reply.node_id}" + (f" ({reply.site_id[:64]})" if reply.site_id else "")
     if reply.transport_error is not None:
         return Rejection(who, reply.transport_error)
     if reply.release is None:

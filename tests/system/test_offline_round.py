@@ -196,6 +196,34 @@ def test_pool_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         assert not (tmp_path / b).exists()
 
 
+def test_pool_skip_invalid_survives_a_bracket_bomb(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # M3: one release of '[' * 100000 + ']' * 100000 made `pool --skip-invalid` exit 1.
+    net = make_network(tmp_path, 3)
+    files = _release_all(net, tmp_path)
+    bomb = tmp_path / "bomb.json"
+    bomb.write_text("[" * 100_000 + "]" * 100_000)
+    capsys.readouterr()
+    bundle = tmp_path / "bundle"
+    args = ["pool", "--study", str(net.study), "--keys", str(net.keys), "--releases",
+            str(files[0]), str(bomb), *map(str, files[1:]), "--out", str(bundle)]
+    assert coordinator([*args, "--skip-invalid", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert len(summary["sites"]) == 3
+    assert summary["missing"] == [
+        {"site": str(bomb), "reason": "malformed release: signed release: nested deeper "
+                                      "than 16 levels"}
+    ]
+    doc = json.loads((bundle / "benchmark.json").read_text())
+    assert doc["sites"]["missing"] == [{"site": s["site"], "reason": s["reason"]}
+                                       for s in summary["missing"]]
+    # Without --skip-invalid it is refused as invalid input, with the reason; no traceback.
+    assert coordinator([*args[:-1], str(tmp_path / "b2")]) == CExit.INPUT_ERROR
+    err = capsys.readouterr().err
+    assert "malformed release" in err and "Traceback" not in err
+
+
 def test_huge_budget_pooled_equals_exact_union(tmp_path: Path) -> None:
     # Allowed only by this test's explicit policy: noise becomes negligible, and the pooled
     # estimates must equal the exact computation on the union of the clinics' data.
