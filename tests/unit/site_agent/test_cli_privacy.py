@@ -53,7 +53,7 @@ def test_manual_flow_through_the_cli(site: tuple[str, str], tmp_path: Path,
     audit = json.loads(capsys.readouterr().out)
     assert audit["verified"] is True
     assert [e["kind"] for e in audit["entries"]] == [
-        "pending", "refused", "approved", "reserved", "released"]
+        "genesis", "pending", "approved", "reserved", "released"]
 
 
 def test_deny_unknown_request(site: tuple[str, str]) -> None:

@@ -39,7 +39,7 @@ def test_preview_spends_nothing_and_lists_every_block(tmp_path: Path) -> None:
     assert doc["budget"]["remaining_after_rho"] == pytest.approx(0.25 - doc["cost"]["rho"])
     with eng.ledger() as led:
         assert led.status().spent == 0
-        assert led.audit_entries() == []
+        assert [e["kind"] for e in led.audit_entries()] == ["genesis"]
 
 
 def test_release_is_signed_charged_cached_and_provenanced(tmp_path: Path) -> None:
@@ -64,7 +64,7 @@ def test_release_is_signed_charged_cached_and_provenanced(tmp_path: Path) -> Non
     with eng.ledger() as led:
         assert led.status().spent == spent
         kinds = [e["kind"] for e in led.audit_entries()]
-        assert kinds == ["reserved", "released", "cached"]
+        assert kinds == ["genesis", "reserved", "released", "cached"]
         assert led.verify_audit() == []
 
 
@@ -84,7 +84,7 @@ def test_policy_refusals(tmp_path: Path) -> None:
                     ) is ErrorCode.OVER_STUDY_CAP
     with eng.ledger() as led:
         assert led.status().spent == 0
-        assert [e["body"]["code"] for e in led.audit_entries()] == [
+        assert [e["body"]["code"] for e in led.audit_entries()[1:]] == [
             "not_allowed", "not_allowed", "over_study_cap"]
 
 

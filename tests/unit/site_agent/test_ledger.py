@@ -33,7 +33,7 @@ from site_agent.cli import main
 from site_agent.config import load_site_config
 from site_agent.errors import ExitCode
 from site_agent.privacy.engine import Refused, ReleaseEngine, load_study_request
-from site_agent.privacy.ledger import Ledger, LedgerRefusal
+from site_agent.privacy.ledger import Ledger, LedgerError, LedgerRefusal
 from site_agent.privacy.policy import load_policy
 
 from .helpers import HEADER, write_site
@@ -94,6 +94,8 @@ def _synthetic_site(tmp: Path, *, seed: int, budget: str, per_study: str) -> Pat
 
 
 def _open(state: Path, budget: Fraction = Fraction(1), **kw: Any) -> Ledger:
+    """The ledger in ``state`` (its anchor beside it, as by default); ``check=False``
+    opens a damaged one for verification."""
     return Ledger(state, budget=budget, period_days=kw.pop("period_days", 365), **kw)
 
 
@@ -154,7 +156,7 @@ def _edit_body(state: Path) -> None:
     with _raw(state) as db:
         db.execute(
             'UPDATE audit SET body = replace(body, \'"rho":"1/10"\', \'"rho":"1/1000"\') '
-            "WHERE seq = 1"
+            "WHERE seq = 2"
         )
         assert db.total_changes == 1
 
@@ -239,6 +241,7 @@ def test_clean_log_verifies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         kinds = [e["kind"] for e in led.audit_entries()]
         seqs = [e["seq"] for e in led.audit_entries()]
     assert kinds == [
+        "genesis",
         "reserved",
         "released",
         "reserved",
@@ -265,7 +268,9 @@ def test_tampering_is_detected(
     with _open(state) as led:
         _populate(led)
     tamper(state)
-    with _open(state) as led:
+    with pytest.raises(LedgerError, match="does not match its audit chain"):
+        _open(state)  # fail closed: a damaged ledger is not used
+    with _open(state, check=False) as led:
         problems = led.verify_audit()
     assert problems, f"{name} went unnoticed"
     assert any(expected in p for p in problems), problems
@@ -299,8 +304,8 @@ def test_tampering_inside_a_real_release_log(
     code, doc = _cli_verify(cfg, capsys)
     assert code == ExitCode.OK, doc["problems"]
     kinds = [e["kind"] for e in doc["entries"]]
-    assert kinds[:4] == ["reserved", "released", "reserved", "released"]
-    assert kinds[4:] and set(kinds[4:]) == {"refused"}
+    assert kinds[:5] == ["genesis", "reserved", "released", "reserved", "released"]
+    assert kinds[5:] and set(kinds[5:]) == {"refused"}
     last = len(kinds)
     with _raw(tmp_path / "state") as db:
         db.execute("UPDATE audit SET body = replace(body, 'three', 'other') WHERE seq = ?", (last,))
@@ -317,7 +322,7 @@ def test_garbled_body_is_reported_not_crashed_on(tmp_path: Path) -> None:
     with _raw(state) as db:
         db.execute("UPDATE audit SET body = 'not json' WHERE seq = 2")
     assert main(["audit", "--config", str(cfg), "--verify"]) == ExitCode.AUDIT
-    with _open(state) as led:
+    with _open(state, check=False) as led:
         assert any("edited" in p for p in led.verify_audit())
 
 
@@ -328,9 +333,13 @@ def test_a_refund_by_editing_the_spends_table_is_detected(tmp_path: Path) -> Non
     with _raw(state) as db:
         db.execute("DELETE FROM spends WHERE study_id = 'c'")
         db.execute("UPDATE spends SET rho = '1/1000000' WHERE study_id = 'a'")
-    with _open(state) as led:
-        assert led.status().spent < Fraction(3, 10)  # the budget came back
-        assert led.verify_audit() != []
+    with _open(state, check=False) as led:
+        assert led.status().spent == Fraction(3, 10)  # spending is summed from the chain
+        problems = led.verify_audit()
+    assert "spend 3 was audited but is missing from the ledger" in problems
+    assert "spend 1 differs from its audited reservation" in problems
+    with pytest.raises(LedgerError):
+        _open(state)
 
 
 # -- budget arithmetic -----------------------------------------------------------------
@@ -350,7 +359,7 @@ def test_reserving_exactly_the_budget_then_nothing_more(tmp_path: Path) -> None:
         assert led.status().spent == Fraction(3, 10)
         kinds = [e["kind"] for e in led.audit_entries()]
         # The ledger refuses without writing; the engine audits refusals (test_engine).
-        assert kinds == ["reserved"] * 3
+        assert kinds == ["genesis"] + ["reserved"] * 3
         assert led.verify_audit() == []
     with _open(tmp_path, budget=Fraction(3, 10) + Fraction(1, 10**40)) as led:
         _reserve(led, Fraction(1, 10**40), sid="d")  # exactly fits once the budget allows
@@ -441,7 +450,7 @@ def test_reservations_never_exceed_the_budget(
     budget: Fraction, cap_fraction: Fraction, amounts: list[Fraction]
 ) -> None:
     cap = budget * cap_fraction
-    with tempfile.TemporaryDirectory() as tmp, _open(Path(tmp), budget=budget) as led:
+    with tempfile.TemporaryDirectory() as tmp, _open(Path(tmp) / "s", budget=budget) as led:
         expected = Fraction(0)
         for i, rho in enumerate(amounts):
             before = led.status().spent
@@ -545,17 +554,17 @@ def test_losing_the_race_to_create_the_signing_key(
 
 
 def test_an_unreadable_signing_key_costs_no_budget(tmp_path: Path) -> None:
-    """The key is loaded before budget is reserved (it used to be loaded after)."""
+    """The key is checked when the ledger opens, before budget is reserved."""
     engine, req = _answer(tmp_path)
     state = tmp_path / "state"
-    state.mkdir()
+    engine.ledger().close()  # a site that has started once
     (state / crypto.KEY_FILE).write_bytes(b"")  # e.g. damaged, or a pre-fix partial write
     with pytest.raises(Refused) as exc:
         engine.release(req)
     assert exc.value.code is ErrorCode.INTERNAL_ERROR
-    with engine.ledger() as led:
-        assert led.status().spent == 0
-        assert [e["kind"] for e in led.audit_entries()] == ["refused"]
+    assert crypto.KEY_FILE in exc.value.detail and "restore it from backup" in exc.value.detail
+    assert _rows(state, "SELECT count(*) FROM spends") == [(0,)]
+    assert [k for (k,) in _rows(state, "SELECT kind FROM audit")] == ["genesis"]
 
 
 @pytest.mark.slow
