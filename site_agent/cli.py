@@ -444,8 +444,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _pubkey(args: argparse.Namespace) -> int:
     engine = _engine(args)
     try:  # a fresh site creates its ledger, anchor and key together
-        with engine.ledger() as led:
-            key = led.signing_key()
+        key = engine.signing_key()
     except LedgerError as exc:
         return _ledger_failed(exc)
     print(crypto.public_pem(key), end="")

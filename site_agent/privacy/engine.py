@@ -156,6 +156,13 @@ class ReleaseEngine:
             check=check,
         )
 
+    def signing_key(self) -> Ed25519PrivateKey:
+        """The site's release-signing key, through its ledger: a fresh site creates its
+        ledger, anchor and key together; an existing one must match its anchor
+        (LedgerError otherwise). This is what ``outcomebench-site pubkey`` prints."""
+        with self.ledger() as led:
+            return led.signing_key()
+
     def request_id(self, study: Study) -> str:
         return hashlib.sha256(f"{self.site.site_id}\n{study.hash}".encode()).hexdigest()[:16]
 
