@@ -103,7 +103,7 @@ from coordinator.localnet import (  # noqa: E402
 from coordinator.pki import NETWORK_KEY, SITE_KEYS_DIR  # noqa: E402
 from site_agent import crypto as site_crypto  # noqa: E402
 from site_agent.config import load_site_config  # noqa: E402
-from site_agent.privacy import load_policy  # noqa: E402
+from site_agent.privacy import load_engine  # noqa: E402
 
 TARGET_RATIO = 1.3
 MINIMAL_APP = Path(__file__).resolve().parent / "minimal_query_app"
@@ -408,7 +408,7 @@ def site_keys_inprocess(configs: Iterable[Path], keys_dir: Path) -> None:
         cfg = load_site_config(config)
         if cfg.privacy_policy is None:
             raise BenchError(f"{config}: no privacy policy")
-        key = site_crypto.load_or_create_key(load_policy(cfg.privacy_policy).state_dir)
+        key = load_engine(config).signing_key()  # as `pubkey`: creates a fresh site's ledger
         (keys_dir / f"{cfg.site_id}.pub.pem").write_text(site_crypto.public_pem(key))
 
 

@@ -14,13 +14,21 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from protocols.codes import ErrorCode
 from protocols.errors import SpecError
 from site_agent import crypto
 from site_agent.config import SiteConfig, load_site_config
 from site_agent.data import Intake, read_intake
 from site_agent.errors import EXIT_HELP, ConfigError, DataError, ExitCode, refusal_exit
 from site_agent.outcomes import derive_episodes
-from site_agent.privacy import Refused, ReleaseEngine, load_engine, load_policy, load_study_request
+from site_agent.privacy import (
+    LedgerError,
+    Refused,
+    ReleaseEngine,
+    load_engine,
+    load_policy,
+    load_study_request,
+)
 from site_agent.report import compare, load_benchmark, write_comparison
 from site_agent.summary import LOCAL_ONLY, summarize
 
@@ -221,13 +229,19 @@ def _refused(args: argparse.Namespace, r: Refused) -> int:
     return refusal_exit(r.code)
 
 
+def _ledger_failed(exc: LedgerError) -> int:
+    """The ledger, its anchor or the signing key is missing or does not match."""
+    print(f"ledger unusable: {exc}", file=sys.stderr)
+    return ExitCode.AUDIT
+
+
 def _preview(args: argparse.Namespace) -> int:
     engine = _engine(args)
     try:
         req = load_study_request(args.study)
+        doc = engine.preview(req)
     except Refused as r:
         return _refused(args, r)
-    doc = engine.preview(req)
     _emit(args, doc, _print_preview)
     return ExitCode.OK
 
@@ -284,7 +298,12 @@ def _write_atomically(path: Path, body: bytes) -> None:
 def _release(args: argparse.Namespace) -> int:
     engine = _engine(args)
     try:
-        req = load_study_request(args.study)
+        try:
+            req = load_study_request(args.study)
+        except Refused as r:
+            if r.code is ErrorCode.MALFORMED_STUDY:
+                engine.record_malformed(channel="cli", raw=_head(args.study), detail=r.detail)
+            raise
         body = engine.release(req)
     except Refused as r:
         return _refused(args, r)
@@ -313,11 +332,23 @@ def _release(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _head(path: Path, limit: int = 1 << 26) -> bytes | None:
+    """A study file's bytes (at most ``limit``) to fingerprint in the audit log."""
+    try:
+        with path.open("rb") as fh:
+            return fh.read(limit)
+    except OSError:
+        return None
+
+
 def _budget(args: argparse.Namespace) -> int:
     engine = _engine(args)
     pol = engine.policy
-    with engine.ledger() as led:
-        st = led.status()
+    try:
+        with engine.ledger() as led:
+            st = led.status()
+    except LedgerError as exc:
+        return _ledger_failed(exc)
     doc = {
         "site_id": engine.site.site_id,
         "period": {
@@ -348,8 +379,11 @@ def _budget(args: argparse.Namespace) -> int:
 
 def _requests(args: argparse.Namespace) -> int:
     engine = _engine(args)
-    with engine.ledger() as led:
-        rows = led.requests()
+    try:
+        with engine.ledger() as led:
+            rows = led.requests()
+    except LedgerError as exc:
+        return _ledger_failed(exc)
 
     def text(rs: list[dict[str, Any]]) -> None:
         if not rs:
@@ -358,6 +392,7 @@ def _requests(args: argparse.Namespace) -> int:
             print(
                 f"{r['request_id']}  {r['state']:<8} {r['study_id']}  {r['title']!r}  "
                 f"rho {float(Fraction(r['rho'])):.6g}  since {r['created']}"
+                + (f"  ({r['code']})" if r["code"] else "")
             )
 
     _emit(args, rows, text)
@@ -366,23 +401,26 @@ def _requests(args: argparse.Namespace) -> int:
 
 def _decide(args: argparse.Namespace) -> int:
     engine = _engine(args)
-    with engine.ledger() as led:
-        try:
+    try:
+        with engine.ledger() as led:
             doc = led.decide(args.request_id, args.approve)
-        except KeyError:
-            print(
-                f"no request {args.request_id!r}; see `outcomebench-site requests`", file=sys.stderr
-            )
-            return ExitCode.USAGE
+    except KeyError:
+        print(f"no request {args.request_id!r}; see `outcomebench-site requests`", file=sys.stderr)
+        return ExitCode.USAGE
+    except LedgerError as exc:
+        return _ledger_failed(exc)
     _emit(args, doc, lambda d: print(f"request {d['request_id']} ({d['study_id']}): {d['state']}"))
     return ExitCode.OK
 
 
 def _audit(args: argparse.Namespace) -> int:
     engine = _engine(args)
-    with engine.ledger() as led:
-        entries = led.audit_entries()
-        problems = led.verify_audit() if args.verify else []
+    try:  # opened unchecked, so that --verify can list what is wrong
+        with engine.ledger(check=False) as led:
+            entries = led.audit_entries()
+            problems = led.verify_audit() if args.verify else []
+    except LedgerError as exc:
+        return _ledger_failed(exc)
     doc = {
         "entries": entries,
         "verified": not problems if args.verify else None,
@@ -421,7 +459,10 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _pubkey(args: argparse.Namespace) -> int:
     engine = _engine(args)
-    key = crypto.load_or_create_key(engine.policy.state_dir)
+    try:  # a fresh site creates its ledger, anchor and key together
+        key = engine.signing_key()
+    except LedgerError as exc:
+        return _ledger_failed(exc)
     print(crypto.public_pem(key), end="")
     # On stderr, so that `pubkey > site.pem` still writes a clean PEM file.
     print(f"fingerprint {crypto.fingerprint(key)} (confirm it with the network out of band)",

@@ -18,26 +18,50 @@ from protocols.release import Envelope
 
 __all__ = [
     "KEY_FILE",
+    "create_key",
+    "key_path",
+    "load_key",
     "load_or_create_key",
     "public_pem",
     "raw_public",
     "sign",
+    "sign_detached",
     "signed_by",
     "trusted",
     "verify",
+    "verify_detached",
 ]
 
 KEY_FILE = "site_signing_key.pem"
 
 
-def load_or_create_key(state_dir: Path) -> Ed25519PrivateKey:
-    """The site's signing key, created (owner-only) on first use.
+def key_path(state_dir: Path) -> Path:
+    return state_dir / KEY_FILE
+
+
+def load_key(state_dir: Path) -> Ed25519PrivateKey:
+    """The site's signing key; never creates one. FileNotFoundError when it is missing,
+    ValueError when the file is not an Ed25519 private key.
+
+    The agent creates its key only together with a fresh ledger (see
+    :class:`site_agent.privacy.ledger.Ledger`), so a deleted key is reported rather than
+    silently replaced by a new one that matches neither the ledger's anchor nor the
+    network's registration."""
+    path = key_path(state_dir)
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise ValueError(f"{path}: not an Ed25519 private key")
+    return loaded
+
+
+def create_key(state_dir: Path) -> Ed25519PrivateKey:
+    """Create the site's signing key (owner-only) unless it exists; returns the key.
 
     Creation is atomic: the key is written and synced under a private temporary name,
     then hard-linked into place, which fails if another process got there first. So
     racing processes agree on one key and a crash never leaves a partial key file.
     """
-    path = state_dir / KEY_FILE
+    path = key_path(state_dir)
     if not path.exists():
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         pem = Ed25519PrivateKey.generate().private_bytes(
@@ -56,10 +80,26 @@ def load_or_create_key(state_dir: Path) -> Ed25519PrivateKey:
                 os.link(tmp, path)
         finally:
             tmp.unlink()
-    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(loaded, Ed25519PrivateKey):
-        raise ValueError(f"{path}: not an Ed25519 private key")
-    return loaded
+    return load_key(state_dir)
+
+
+def load_or_create_key(state_dir: Path) -> Ed25519PrivateKey:
+    """A key in ``state_dir``, created on first use: for tools and tests that need a
+    throwaway key. The site agent never calls it (it uses :func:`load_key`)."""
+    return create_key(state_dir)
+
+
+def sign_detached(key: Ed25519PrivateKey, payload: bytes) -> bytes:
+    return key.sign(payload)
+
+
+def verify_detached(public_key: bytes, signature: bytes, payload: bytes) -> bool:
+    """``signature`` is a valid Ed25519 signature of ``payload`` by the raw ``public_key``."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, payload)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
 
 
 def raw_public(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:

@@ -61,7 +61,8 @@ EXIT_HELP: dict[ExitCode, str] = {
     ExitCode.CONFIG: "the site configuration is invalid: every problem is listed with its fix",
     ExitCode.DATA: "the data file cannot be used (missing, unreadable, no valid rows, or "
     "refused whole under --strict); see the quarantine report",
-    ExitCode.AUDIT: "the audit log failed verification: it was edited, reordered or truncated",
+    ExitCode.AUDIT: "the audit log failed verification (edited, reordered or truncated), or "
+    "the ledger, its anchor or the signing key is missing or does not match: restore it",
     **{ExitCode[c.name]: f"refused: {MESSAGES[c]}" for c in ErrorCode},
     ExitCode.INTERNAL: "internal error: this is a bug, please report it",
 }

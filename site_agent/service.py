@@ -44,7 +44,7 @@ from protocols.release import parse_envelope
 from protocols.study import SCHEMA_VERSION, Family, study_from_canonical
 from site_agent.agent_client import CHANNEL_OPTIONS, SERVICE_NAME
 from site_agent.errors import ConfigError
-from site_agent.privacy import Refused, ReleaseEngine, StudyRequest, load_engine
+from site_agent.privacy import LedgerError, Refused, ReleaseEngine, StudyRequest, load_engine
 
 __all__ = [
     "GRACE_SECONDS",
@@ -106,7 +106,12 @@ class SiteAgentService(pb_grpc.SiteAgentServicer):
         started = time.monotonic()
         label = f"{len(msg.study)} bytes"
         try:
-            req = parse_study_message(msg)
+            try:
+                req = parse_study_message(msg)
+            except Refused as r:
+                if method == "Release":  # audited like every release request
+                    self.engine.record_malformed(channel="grpc", raw=msg.study, detail=r.detail)
+                raise
             label = f"study {req.study.id!r} ({req.study.hash[:12]})"
             body = run(req)
         except Refused as r:
@@ -261,6 +266,11 @@ class AgentServer:
         self._inode: tuple[int, int] | None = None
 
     def start(self) -> None:
+        try:  # fail closed at start: a missing or mismatched ledger, anchor or key
+            self.engine.ledger().close()
+        except LedgerError as exc:
+            where = str(self.engine.policy.state_dir)
+            raise ConfigError(where, [f"{exc}"]) from None
         _prepare_socket(self.socket_path)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="site-agent"),

@@ -4,6 +4,8 @@ Public face: the policy, the engine (the one release path) and the ledger.
 """
 
 from site_agent.privacy.engine import (
+    Action,
+    Decision,
     Plan,
     Refused,
     ReleaseEngine,
@@ -11,13 +13,17 @@ from site_agent.privacy.engine import (
     load_engine,
     load_study_request,
 )
-from site_agent.privacy.ledger import Budget, Ledger, LedgerRefusal
+from site_agent.privacy.ledger import Budget, HistoryRow, Ledger, LedgerError, LedgerRefusal
 from site_agent.privacy.policy import Approval, PrivacyPolicy, load_policy
 
 __all__ = [
+    "Action",
     "Approval",
     "Budget",
+    "Decision",
+    "HistoryRow",
     "Ledger",
+    "LedgerError",
     "LedgerRefusal",
     "Plan",
     "PrivacyPolicy",

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from fractions import Fraction
 from importlib.metadata import version
 from pathlib import Path
@@ -39,11 +41,13 @@ from site_agent.privacy.accounting import (
     total_rho,
     zcdp_to_epsilon,
 )
-from site_agent.privacy.ledger import Ledger, LedgerRefusal
+from site_agent.privacy.ledger import Ledger, LedgerError, LedgerRefusal, Reservation
 from site_agent.privacy.policy import Approval, PrivacyPolicy, load_policy, to_rho
 from site_agent.privacy.statistics import exact_blocks, select_episodes
 
 __all__ = [
+    "Action",
+    "Decision",
     "Plan",
     "Refused",
     "ReleaseEngine",
@@ -56,14 +60,21 @@ __all__ = [
 class Refused(Exception):
     """A request the site will not answer. Only ``code`` and its fixed message may leave."""
 
-    def __init__(self, code: ErrorCode, detail: str = "") -> None:
+    def __init__(
+        self, code: ErrorCode, detail: str = "", *, reservation: Reservation | None = None
+    ) -> None:
         self.code = code
         self.detail = detail
+        self.reservation = reservation  # the charge this attempt made, if any (local only)
         super().__init__(f"{code}: {MESSAGES[code]}" + (f" ({detail})" if detail else ""))
 
     @property
     def message(self) -> str:
         return MESSAGES[self.code]
+
+
+class _Queued(Refused):
+    """Pending approval, already recorded by :meth:`Ledger.add_pending`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +110,25 @@ class Plan:
     cost: Fraction  # OpenDP's privacy maps, summed exactly (zCDP composition)
 
 
+class Action(StrEnum):
+    RELEASE = "release"
+    CACHED = "cached"
+    REFUSE = "refuse"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the site does with a request, decided by :meth:`ReleaseEngine.decide` for
+    both preview (which reports it) and release (which acts on it)."""
+
+    action: Action
+    code: ErrorCode | None = None  # for REFUSE (PENDING_APPROVAL: queued for the officer)
+    detail: str = ""  # local only
+    plan: Plan | None = None  # when the policy checks passed
+    cached: bytes | None = None  # for CACHED
+    charge: Fraction = Fraction(0)  # what releasing would add to the spending now
+
+
 def _versions() -> dict[str, str]:
     return {"outcomebench": version("outcomebench"), "opendp": OPENDP_VERSION}
 
@@ -114,13 +144,24 @@ class ReleaseEngine:
         self.policy = policy
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
 
-    def ledger(self) -> Ledger:
+    def ledger(self, *, check: bool = True) -> Ledger:
+        """The site's ledger; LedgerError (naming the file and the fix) if it, its anchor
+        or the signing key is missing or does not match."""
         return Ledger(
             self.policy.state_dir,
             budget=self.policy.budget_rho,
             period_days=self.policy.period_days,
+            anchor=self.policy.anchor,
             clock=self.clock,
+            check=check,
         )
+
+    def signing_key(self) -> Ed25519PrivateKey:
+        """The site's release-signing key, through its ledger: a fresh site creates its
+        ledger, anchor and key together; an existing one must match its anchor
+        (LedgerError otherwise). This is what ``outcomebench-site pubkey`` prints."""
+        with self.ledger() as led:
+            return led.signing_key()
 
     def request_id(self, study: Study) -> str:
         return hashlib.sha256(f"{self.site.site_id}\n{study.hash}".encode()).hexdigest()[:16]
@@ -169,12 +210,67 @@ class ReleaseEngine:
             cost=cost,
         )
 
+    def decide(self, req: StudyRequest, led: Ledger) -> Decision:
+        """The one decision, in this order: trust, allow-lists, per-study cap (in
+        :meth:`plan`), cached release or conflicting study id, budget, approval.
+
+        Budget comes before approval so a request that could never be paid is refused
+        rather than queued for the privacy officer."""
+        try:
+            plan = self.plan(req)
+        except Refused as r:
+            return Decision(Action.REFUSE, r.code, r.detail)
+        study = req.study
+        cached = led.cached(study.id)
+        if cached is not None:
+            if cached[0] == study.hash:
+                return Decision(Action.CACHED, plan=plan, cached=cached[1])
+            return Decision(
+                Action.REFUSE,
+                ErrorCode.STUDY_CONFLICT,
+                f"study id {study.id} was answered with another content",
+                plan=plan,
+            )
+        charge = led.charge_for(plan.request_id, plan.cost)
+        status = led.status()
+        if status.spent + charge > status.budget:
+            return Decision(
+                Action.REFUSE,
+                ErrorCode.BUDGET_EXHAUSTED,
+                f"spent {status.spent} + {charge} > budget {status.budget}",
+                plan=plan,
+                charge=charge,
+            )
+        if self.policy.approval is Approval.MANUAL:
+            state = led.request_state(plan.request_id)
+            if state == "denied":
+                return Decision(Action.REFUSE, ErrorCode.DENIED, plan=plan, charge=charge)
+            if state != "approved":
+                return Decision(
+                    Action.REFUSE,
+                    ErrorCode.PENDING_APPROVAL,
+                    f"request {plan.request_id}",
+                    plan=plan,
+                    charge=charge,
+                )
+        return Decision(Action.RELEASE, plan=plan, charge=charge)
+
+    def _open(self) -> Ledger:
+        try:
+            return self.ledger()
+        except LedgerError as exc:
+            raise Refused(ErrorCode.INTERNAL_ERROR, str(exc)) from None
+
     def preview(self, req: StudyRequest) -> dict[str, Any]:
-        """Exactly what would leave and what it would cost. Spends nothing, reads no data."""
-        with self.ledger() as led:
-            status = led.status()
-            cached = led.cached(req.study.id)
-            state = led.request_state(self.request_id(req.study))
+        """Exactly what would leave and what it would cost. Spends nothing, reads no data.
+        Refused(INTERNAL_ERROR) when the ledger cannot be trusted (as release would)."""
+        try:
+            with self._open() as led:
+                status = led.status()
+                decision = self.decide(req, led)
+        except LedgerError as exc:
+            raise Refused(ErrorCode.INTERNAL_ERROR, str(exc)) from None
+        delta = self.policy.delta
         doc: dict[str, Any] = {
             "site_id": self.site.site_id,
             "study_id": req.study.id,
@@ -191,16 +287,20 @@ class ReleaseEngine:
             },
             "warnings": list(self.policy.warnings),
         }
-        try:
-            plan = self.plan(req)
-        except Refused as r:
-            return doc | {
-                "outcome": "refuse",
-                "code": str(r.code),
-                "reason": r.message,
-                "detail": r.detail,
+        if decision.action is Action.REFUSE:
+            doc |= {
+                "outcome": "await approval"
+                if decision.code is ErrorCode.PENDING_APPROVAL
+                else "refuse",
+                "code": str(decision.code),
+                "reason": MESSAGES[decision.code or ErrorCode.INTERNAL_ERROR],
+                "detail": decision.detail,
             }
-        delta = self.policy.delta
+        else:
+            doc["outcome"] = str(decision.action)
+        plan = decision.plan
+        if plan is None:
+            return doc
         doc["what_leaves"] = [
             {
                 "block": b.spec.name,
@@ -220,23 +320,16 @@ class ReleaseEngine:
             "epsilon": zcdp_to_epsilon(plan.cost, delta),
             "delta": float(delta),
             "requested": req.study.privacy.describe(),
+            # 0 when the cache answers or an earlier, incomplete reservation is reused
+            "charged_now_rho": float(decision.charge),
         }
         doc["privacy_unit"] = {
             "unit": "client",
             "max_episodes_per_client": self.policy.max_episodes_per_client,
         }
-        if cached is not None and cached[0] == req.study.hash:
-            outcome, after = "cached: the earlier release is returned at no cost", status.remaining
-        elif cached is not None:
-            outcome, after = "refuse: study_conflict", status.remaining
-        elif status.spent + plan.cost > status.budget:
-            outcome, after = "refuse: budget_exhausted", status.remaining
-        elif self.policy.approval is Approval.MANUAL and state != "approved":
-            outcome = "await approval" if state != "denied" else "refuse: denied"
-            after = status.remaining - plan.cost
-        else:
-            outcome, after = "release", status.remaining - plan.cost
-        doc["outcome"] = outcome
+        pending = decision.code is ErrorCode.PENDING_APPROVAL
+        refused = decision.action is Action.REFUSE and not pending
+        after = status.remaining - (Fraction(0) if refused else decision.charge)
         doc["budget"]["remaining_after_rho"] = float(after)
         doc["budget"]["remaining_after_epsilon"] = zcdp_to_epsilon(after, delta)
         return doc
@@ -244,48 +337,69 @@ class ReleaseEngine:
     # -- the release path -----------------------------------------------------------
 
     def release(self, req: StudyRequest) -> bytes:
-        """Answer a study: the signed release envelope (JSON bytes), or raise Refused."""
+        """Answer a study: the signed release envelope (JSON bytes), or raise Refused.
+
+        All work on one study id is serialised (:meth:`Ledger.study_lock`), so concurrent
+        identical requests are charged once and the later ones get the cached release."""
         study = req.study
-        with self.ledger() as led:
+        try:
+            with self._open() as led, led.study_lock(study.id):
+                try:
+                    return self._release(req, led)
+                except _Queued:
+                    raise
+                except Refused as r:
+                    led.record(
+                        "refused",
+                        request_id=self.request_id(study),
+                        study_id=study.id,
+                        study_hash=study.hash,
+                        title=study.title,
+                        rho=r.reservation.rho if r.reservation else Fraction(0),
+                        code=str(r.code),
+                        reservation=r.reservation,
+                    )
+                    raise
+        except LedgerError as exc:  # fail closed; nothing is written to a broken ledger
+            raise Refused(ErrorCode.INTERNAL_ERROR, str(exc)) from None
+        except sqlite3.Error as exc:
+            raise Refused(
+                ErrorCode.INTERNAL_ERROR,
+                f"the ledger in {self.policy.state_dir} failed ({exc}); check the state dir "
+                "is writable and not full",
+            ) from None
+
+    def record_malformed(self, *, channel: str, raw: bytes | None, detail: str) -> None:
+        """Audit a release request whose study failed to parse (size, SHA-256 and the
+        fields at fault; never its text). Refused(INTERNAL_ERROR) if the ledger is broken."""
+        raw = raw or b""
+        with self._open() as led:
             try:
-                return self._release(req, led)
-            except Refused as r:
-                led.audit(
-                    "refused",
-                    {
-                        "request_id": self.request_id(study),
-                        "study_id": study.id,
-                        "study_hash": study.hash,
-                        "code": str(r.code),
-                    },
+                led.record_malformed(
+                    channel=channel,
+                    size=len(raw),
+                    sha256=hashlib.sha256(raw).hexdigest(),
+                    detail=detail,
                 )
-                raise
+            except LedgerError as exc:
+                raise Refused(ErrorCode.INTERNAL_ERROR, str(exc)) from None
 
     def _release(self, req: StudyRequest, led: Ledger) -> bytes:
         study = req.study
-        plan = self.plan(req)
-        cached = led.cached(study.id)
-        if cached is not None:
-            if cached[0] != study.hash:
-                raise Refused(
-                    ErrorCode.STUDY_CONFLICT,
-                    f"study id {study.id} was answered with another content",
-                )
-            led.audit(
+        decision = self.decide(req, led)
+        if decision.action is Action.CACHED and decision.cached is not None:
+            led.record(
                 "cached",
-                {
-                    "request_id": plan.request_id,
-                    "study_id": study.id,
-                    "study_hash": study.hash,
-                    "sha256": hashlib.sha256(cached[1]).hexdigest(),
-                },
+                request_id=self.request_id(study),
+                study_id=study.id,
+                study_hash=study.hash,
+                sha256=hashlib.sha256(decision.cached).hexdigest(),
             )
-            return cached[1]
-        if self.policy.approval is Approval.MANUAL:
-            state = led.request_state(plan.request_id)
-            if state == "denied":
-                raise Refused(ErrorCode.DENIED)
-            if state != "approved":
+            return decision.cached
+        plan = decision.plan
+        if decision.action is Action.REFUSE or plan is None:
+            code = decision.code or ErrorCode.INTERNAL_ERROR
+            if code is ErrorCode.PENDING_APPROVAL and plan is not None:
                 led.add_pending(
                     request_id=plan.request_id,
                     study_id=study.id,
@@ -294,17 +408,10 @@ class ReleaseEngine:
                     rho=plan.cost,
                     study=study.canonical_bytes(),
                 )
-                raise Refused(ErrorCode.PENDING_APPROVAL, f"request {plan.request_id}")
+                raise _Queued(code, decision.detail)
+            raise Refused(code, decision.detail)
         # Everything that could fail without the data is done before budget is reserved.
-        try:
-            key = crypto.load_or_create_key(self.policy.state_dir)
-        except (OSError, ValueError) as exc:
-            raise Refused(
-                ErrorCode.INTERNAL_ERROR,
-                f"the site's signing key in "
-                f"{self.policy.state_dir} cannot be read ({exc.__class__.__name__}); "
-                "restore it from a backup",
-            ) from None
+        key = led.signing_key()
         try:
             reservation = led.reserve(
                 request_id=plan.request_id,
@@ -315,19 +422,24 @@ class ReleaseEngine:
             )
         except LedgerRefusal as r:
             raise Refused(r.code, r.detail) from None
-        # Budget is reserved and durable: from here on the data may be touched.
+        # Budget is reserved and durable (and anchored): from here on the data may be
+        # touched. Nothing leaves until complete() has committed.
         try:
             body = self._compute(plan, key)
-        except Refused:
-            raise
+        except Refused as r:
+            raise Refused(r.code, r.detail, reservation=reservation) from None
         except DataError as exc:
-            raise Refused(ErrorCode.INVALID_DATA, str(exc)) from None
+            raise Refused(ErrorCode.INVALID_DATA, str(exc), reservation=reservation) from None
         except Exception as exc:  # the budget stays spent; nothing leaves
-            raise Refused(ErrorCode.INTERNAL_ERROR, exc.__class__.__name__) from None
+            raise Refused(
+                ErrorCode.INTERNAL_ERROR, exc.__class__.__name__, reservation=reservation
+            ) from None
         try:
-            return led.complete(reservation, study_id=study.id, study_hash=study.hash, body=body)
+            return led.complete(
+                reservation, study_id=study.id, study_hash=study.hash, body=body, title=study.title
+            )
         except LedgerRefusal as r:
-            raise Refused(r.code, r.detail) from None
+            raise Refused(r.code, r.detail, reservation=reservation) from None
 
     def _compute(self, plan: Plan, key: Ed25519PrivateKey) -> bytes:
         study, pol, site = plan.study, self.policy, self.site

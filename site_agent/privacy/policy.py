@@ -31,6 +31,7 @@ _KEYS = (
     "approval",
     "trusted_coordinator_keys",
     "state_dir",
+    "anchor",
 )
 
 
@@ -53,6 +54,7 @@ class PrivacyPolicy:
     trusted_keys: tuple[Path, ...]
     state_dir: Path
     source: Path
+    anchor: Path | None = None  # the ledger's signed checkpoints; None: beside state_dir
     warnings: tuple[str, ...] = ()  # epsilon > 1 and > 5 notes, shown by every command
 
     def epsilon(self, rho: Fraction) -> float:
@@ -157,6 +159,14 @@ def load_policy(path: Path | str, *, site_unit_column: str = "client_id") -> Pri
         problems.append("privacy.state_dir: required; where the ledger and audit log live")
         state = "state"
 
+    anchor = doc.get("anchor")
+    if anchor is not None and (not isinstance(anchor, str) or not anchor):
+        problems.append(
+            "privacy.anchor: expected a file path (the ledger's signed checkpoints), "
+            f"got {anchor!r}"
+        )
+        anchor = None
+
     if problems or per_study is None or budget is None:
         raise ConfigError(where, problems)
 
@@ -189,6 +199,7 @@ def load_policy(path: Path | str, *, site_unit_column: str = "client_id") -> Pri
         trusted_keys=tuple(keys),
         state_dir=(base / state).resolve(),
         source=path.resolve(),
+        anchor=None if anchor is None else (base / anchor).resolve(),
         warnings=tuple(notes),
     )
 

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from coordinator import pki as netpki
 from coordinator.localnet import CONNECTION, LocalNetwork, free_port, installed_bin
 from site_agent import crypto as scrypto
+from site_agent.privacy import load_engine
 
 FAMILIES = ["counts", "change", "categories", "trajectory", "histogram"]
 RHO = 0.25
@@ -64,7 +65,7 @@ def register_signing_keys(configs: Sequence[Path], keys_dir: Path) -> None:
     ``outcomebench-site pubkey`` prints, without a process per site)."""
     keys_dir.mkdir(parents=True, exist_ok=True)
     for config in configs:
-        key = scrypto.load_or_create_key(config.parent / "state")
+        key = load_engine(config).signing_key()  # as `pubkey`: creates a fresh site's ledger
         (keys_dir / f"{site_id_of(config)}.pub.pem").write_text(scrypto.public_pem(key))
 
 

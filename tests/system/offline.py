@@ -12,6 +12,7 @@ import yaml
 from coordinator import crypto as ccrypto
 from coordinator.synth import synthesize
 from site_agent import crypto as scrypto
+from site_agent.privacy import load_engine
 
 FAMILIES = ["counts", "change", "categories", "trajectory", "histogram"]
 
@@ -73,7 +74,7 @@ def make_network(
         site.config_path.write_text(yaml.safe_dump(doc))
         pol = policy or policy_doc(rho)
         (site.directory / "privacy.yaml").write_text(yaml.safe_dump(pol))
-        key = scrypto.load_or_create_key(site.directory / "state")
+        key = load_engine(site.config_path).signing_key()  # as `pubkey`: a fresh ledger
         (keys / f"{site.site_id}.pub.pem").write_text(scrypto.public_pem(key))
         configs.append(site.config_path)
     study_path = root / "study.yaml"

@@ -1,6 +1,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,7 +58,7 @@ def test_manual_flow_through_the_cli(site: tuple[str, str], tmp_path: Path,
     audit = json.loads(capsys.readouterr().out)
     assert audit["verified"] is True
     assert [e["kind"] for e in audit["entries"]] == [
-        "pending", "refused", "approved", "reserved", "released"]
+        "genesis", "pending", "approved", "reserved", "released"]
 
 
 def test_deny_unknown_request(site: tuple[str, str]) -> None:
@@ -88,3 +93,95 @@ def test_pubkey(site: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> No
     assert capsys.readouterr().out.startswith("-----BEGIN PUBLIC KEY-----")
     key_file = Path(config).parent / "state" / crypto.KEY_FILE
     assert key_file.stat().st_mode & 0o077 == 0  # owner-only
+
+
+def test_malformed_release_is_audited_without_its_text(
+    site: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, _ = site
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("study: {id: x, title: SECRET-CLIENT-NAME, families: 7}\n")
+    code = main(["release", "--config", config, "--study", str(bad), "--out",
+                 str(tmp_path / "r.json")])
+    assert code == ExitCode.MALFORMED_STUDY
+    capsys.readouterr()
+    assert main(["audit", "--config", config, "--verify", "--json"]) == 0
+    audit = json.loads(capsys.readouterr().out)
+    [entry] = [e for e in audit["entries"] if e["kind"] == "refused"]
+    assert entry["body"]["code"] == "malformed_study" and entry["body"]["channel"] == "cli"
+    assert entry["body"]["bytes"] == len(bad.read_bytes())
+    assert "SECRET" not in json.dumps(audit)
+
+
+def test_pubkey_initialises_a_fresh_site_and_never_replaces_a_key(
+    site: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, _ = site
+    state = Path(config).parent / "state"
+    assert main(["pubkey", "--config", config]) == 0
+    first = capsys.readouterr().out
+    assert (state / "ledger.sqlite").exists() and (state.parent / "state.anchor.json").exists()
+    (state / crypto.KEY_FILE).unlink()
+    assert main(["pubkey", "--config", config]) == ExitCode.AUDIT
+    err = capsys.readouterr().err
+    assert "signing key is missing. Restore it from backup" in err
+    assert not (state / crypto.KEY_FILE).exists() and first
+
+
+def test_anchor_policy_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = make_site(tmp_path / "clinic", POLICY | {"anchor": "officer/anchor.json"})
+    assert main(["budget", "--config", str(config)]) == 0
+    assert (config.parent / "officer" / "anchor.json").exists()
+    assert not (config.parent / "state.anchor.json").exists()
+    (config.parent / "privacy.yaml").write_text(yaml.safe_dump(POLICY | {"anchor": 3}))
+    assert main(["budget", "--config", str(config)]) == ExitCode.CONFIG
+    assert "privacy.anchor: expected a file path" in capsys.readouterr().err
+
+
+_RELEASE_WHEN_GO = """
+import sys, time
+from pathlib import Path
+from site_agent.cli import main
+cfg, study, out, go = sys.argv[1:5]
+Path(out + ".ready").touch()
+while not Path(go).exists():
+    time.sleep(0.001)
+sys.exit(main(["release", "--config", cfg, "--study", study, "--out", out]))
+"""
+
+
+@pytest.mark.slow
+def test_8_processes_releasing_the_same_study_are_charged_once(tmp_path: Path) -> None:
+    config = make_site(tmp_path / "clinic")
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"study": STUDY}))
+    go = tmp_path / "go"
+    outs = [tmp_path / f"r{i}.json" for i in range(8)]
+    procs = [subprocess.Popen([sys.executable, "-c", _RELEASE_WHEN_GO, str(config), str(study),
+                               str(out), str(go)]) for out in outs]
+    try:
+        deadline = time.monotonic() + 180
+        while not all(Path(f"{o}.ready").exists() for o in outs):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.01)
+        go.touch()
+        codes = [p.wait(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+    assert codes == [0] * 8
+    assert len({o.read_bytes() for o in outs}) == 1
+    audit = _audit_kinds(config)
+    assert (audit.count("reserved"), audit.count("released"), audit.count("cached")) == (1, 1, 7)
+
+
+def _audit_kinds(config: Path) -> list[str]:
+    import contextlib  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["audit", "--config", str(config), "--verify", "--json"]) == 0
+    return [e["kind"] for e in json.loads(buf.getvalue())["entries"]]

@@ -1,8 +1,19 @@
 from __future__ import annotations
 
+import collections
+import dataclasses
+import hashlib
+import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +26,7 @@ from protocols.release import SiteRelease, parse_envelope
 from site_agent import crypto
 from site_agent.data import read_intake
 from site_agent.outcomes import derive_episodes
-from site_agent.privacy import Refused, StudyRequest, load_study_request
+from site_agent.privacy import Approval, Refused, ReleaseEngine, StudyRequest, load_study_request
 from site_agent.privacy.statistics import exact_blocks, select_episodes
 
 from .privacy_helpers import POLICY, STUDY, engine, make_site, request
@@ -39,7 +50,7 @@ def test_preview_spends_nothing_and_lists_every_block(tmp_path: Path) -> None:
     assert doc["budget"]["remaining_after_rho"] == pytest.approx(0.25 - doc["cost"]["rho"])
     with eng.ledger() as led:
         assert led.status().spent == 0
-        assert led.audit_entries() == []
+        assert [e["kind"] for e in led.audit_entries()] == ["genesis"]
 
 
 def test_release_is_signed_charged_cached_and_provenanced(tmp_path: Path) -> None:
@@ -64,7 +75,7 @@ def test_release_is_signed_charged_cached_and_provenanced(tmp_path: Path) -> Non
     with eng.ledger() as led:
         assert led.status().spent == spent
         kinds = [e["kind"] for e in led.audit_entries()]
-        assert kinds == ["reserved", "released", "cached"]
+        assert kinds == ["genesis", "reserved", "released", "cached"]
         assert led.verify_audit() == []
 
 
@@ -84,7 +95,7 @@ def test_policy_refusals(tmp_path: Path) -> None:
                     ) is ErrorCode.OVER_STUDY_CAP
     with eng.ledger() as led:
         assert led.status().spent == 0
-        assert [e["body"]["code"] for e in led.audit_entries()] == [
+        assert [e["body"]["code"] for e in led.audit_entries()[1:]] == [
             "not_allowed", "not_allowed", "over_study_cap"]
 
 
@@ -172,3 +183,274 @@ def test_study_request_cannot_override_policy(tmp_path: Path) -> None:
     with pytest.raises(Refused) as err:
         load_study_request(path)
     assert err.value.code is ErrorCode.MALFORMED_STUDY
+
+
+# -- one decision for preview and release ----------------------------------------------
+
+_FAST_BODY = b"a release body (compute stubbed: this test is about the decision)"
+
+
+def _expected(untrusted: bool, allowed: bool, cap_ok: bool, cache: str, budget_ok: bool,
+              approval: str) -> str:
+    """The order a privacy officer expects: trust, allow-lists, cap, cached/conflict,
+    budget (a request that can never be paid is not queued), approval."""
+    if untrusted:
+        return "untrusted_study"
+    if not allowed:
+        return "not_allowed"
+    if not cap_ok:
+        return "over_study_cap"
+    if cache != "none":
+        return "cached" if cache == "same" else "study_conflict"
+    if not budget_ok:
+        return "budget_exhausted"
+    if approval == "denied":
+        return "denied"
+    if approval in ("unasked", "pending"):
+        return "pending_approval"
+    return "release"
+
+
+def test_preview_and_release_decide_alike_in_every_combination(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = engine(make_site(tmp_path / "site"))
+    monkeypatch.setattr(ReleaseEngine, "_compute", lambda self, plan, key: _FAST_BODY)
+    network = Ed25519PrivateKey.generate()
+    _write_pub(tmp_path / "network.pem", network)
+    plain = request()
+    signed = StudyRequest(plain.study, crypto.sign(network, "study", plain.study.canonical_bytes()))
+    other = request(title="another study under the same id")
+    combos = itertools.product(
+        [False, True], [True, False], [True, False], ["none", "same", "conflict"],
+        [True, False], ["auto", "unasked", "pending", "approved", "denied"],
+    )
+    seen = collections.Counter()
+    for i, (untrusted, allowed, cap_ok, cache, budget_ok, approval) in enumerate(combos):
+        pol = dataclasses.replace(
+            base.policy,
+            state_dir=tmp_path / f"state-{i}",
+            trusted_keys=(tmp_path / "network.pem",),
+            instruments=frozenset({"PHQ-9"} if allowed else {"GAD-7"}),
+            per_study_rho=Fraction(1, 10) if cap_ok else Fraction(1, 100),
+            approval=Approval.AUTO if approval == "auto" else Approval.MANUAL,
+        )
+        eng = ReleaseEngine(base.site, pol)
+        req = plain if untrusted else signed
+        rid = eng.request_id(req.study)
+        with eng.ledger() as led:
+            if cache != "none":
+                hit = req.study if cache == "same" else other.study
+                res = led.reserve(request_id="earlier", study_id=hit.id, study_hash=hit.hash,
+                                  rho=Fraction(1, 100), cap=Fraction(1))
+                led.complete(res, study_id=hit.id, study_hash=hit.hash, body=b"cached body")
+            if not budget_ok:  # leave less than the study costs
+                spent = led.status().spent
+                led.reserve(request_id="filler", study_id="filler", study_hash="f",
+                            rho=pol.budget_rho - spent - Fraction(1, 100), cap=Fraction(1))
+            if approval in ("pending", "approved", "denied"):
+                led.add_pending(request_id=rid, study_id=req.study.id, study_hash=req.study.hash,
+                                title="t", rho=Fraction(1, 20), study=b"{}")
+                if approval != "pending":
+                    led.decide(rid, approve=approval == "approved")
+            spent_before = led.status().spent
+        want = _expected(untrusted, allowed, cap_ok, cache, budget_ok, approval)
+        label = f"{(untrusted, allowed, cap_ok, cache, budget_ok, approval)}"
+        doc = eng.preview(req)
+        previewed = doc.get("code") or doc["outcome"]
+        try:
+            body = eng.release(req)
+        except Refused as r:
+            released = str(r.code)
+        else:
+            released = "cached" if body == b"cached body" else "release"
+            assert released == "cached" or body == _FAST_BODY
+        assert previewed == released == want, label
+        with eng.ledger() as led:
+            charged = led.status().spent - spent_before
+            assert led.verify_audit() == [], label
+            last = led.audit_entries()[-1]
+        assert (charged > 0) == (want == "release"), label
+        assert last["kind"] == {"release": "released", "cached": "cached",
+                                "pending_approval": "pending"}.get(want, "refused"), label
+        seen[want] += 1
+    assert set(seen) == {"untrusted_study", "not_allowed", "over_study_cap", "cached",
+                         "study_conflict", "budget_exhausted", "denied", "pending_approval",
+                         "release"}
+
+
+def test_manual_approval_without_budget_is_refused_not_queued(tmp_path: Path) -> None:
+    """The finding: preview said budget_exhausted, release answered pending_approval."""
+    eng = engine(make_site(tmp_path, POLICY | {"approval": "manual",
+                                                "budget": {"rho": 0.1}, "per_study": {"rho": 0.1}}))
+    with eng.ledger() as led:
+        led.reserve(request_id="x", study_id="x", study_hash="x", rho=Fraction(9, 100),
+                    cap=Fraction(1))
+    req = request()
+    assert eng.preview(req)["code"] == "budget_exhausted"
+    assert _refusal(eng, req) is ErrorCode.BUDGET_EXHAUSTED
+    with eng.ledger() as led:
+        assert [r["state"] for r in led.requests()] == ["refused"]
+        assert led.request_state(eng.request_id(req.study)) is None  # nothing queued
+
+
+# -- a retried request is charged once --------------------------------------------------
+
+
+def test_a_retry_after_a_failure_past_the_reservation_is_charged_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eng = engine(make_site(tmp_path))
+    real, calls = ReleaseEngine._compute, []
+
+    def fails_once(self: ReleaseEngine, plan: Any, key: Any) -> bytes:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("disk hiccup while reading the export")
+        return real(self, plan, key)
+
+    monkeypatch.setattr(ReleaseEngine, "_compute", fails_once)
+    req = request()
+    assert _refusal(eng, req) is ErrorCode.INTERNAL_ERROR
+    with eng.ledger() as led:
+        cost = led.status().spent
+        assert cost > 0  # the failed attempt stays charged (never refunded) ...
+    assert eng.preview(req)["cost"]["charged_now_rho"] == 0
+    body = eng.release(req)
+    with eng.ledger() as led:
+        assert led.status().spent == cost  # ... and the retry costs nothing more
+        kinds = [e["kind"] for e in led.audit_entries()]
+        assert kinds == ["genesis", "reserved", "refused", "reused", "released"]
+        assert led.verify_audit() == []
+        history = led.history()
+    assert [(h.decision, h.code, h.cost) for h in history] == [
+        ("refused", "internal_error", cost), ("released", None, 0)]
+    assert history[1].sha256 == hashlib.sha256(body).hexdigest()
+    assert eng.release(req) == body  # and then from the cache
+
+
+def test_invalid_data_retried_is_charged_once(tmp_path: Path) -> None:
+    config = make_site(tmp_path)
+    eng = engine(config)
+    data = config.parent / "outcomes.csv"
+    saved = data.read_bytes()
+    data.unlink()
+    assert _refusal(eng, request()) is ErrorCode.INVALID_DATA
+    assert _refusal(eng, request()) is ErrorCode.INVALID_DATA
+    with eng.ledger() as led:
+        cost = led.status().spent
+    data.write_bytes(saved)
+    eng.release(request())
+    with eng.ledger() as led:
+        assert led.status().spent == cost
+        assert len(led.history()) == 3 and sum(h.cost for h in led.history()) == cost
+
+
+_KILLED_IN_COMPUTE = """
+import sys, time
+from pathlib import Path
+from site_agent.privacy import ReleaseEngine
+from site_agent.privacy.engine import load_engine
+from protocols.study import parse_study
+from site_agent.privacy import StudyRequest
+import yaml
+config, marker = sys.argv[1:3]
+def stuck(self, plan, key):
+    Path(marker).touch()
+    time.sleep(600)
+ReleaseEngine._compute = stuck
+eng = load_engine(Path(config))
+study = yaml.safe_load(Path(config).with_name("study.yaml").read_text())
+eng.release(StudyRequest(parse_study(study)))
+"""
+
+
+def test_a_retry_after_sigkill_during_compute_is_charged_once(tmp_path: Path) -> None:
+    config = make_site(tmp_path)
+    (config.parent / "study.yaml").write_text(yaml.safe_dump(STUDY))
+    marker = tmp_path / "computing"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_IN_COMPUTE, str(config), str(marker)])
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, "the releasing process died before computing"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)  # holding the study lock, budget reserved
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    eng = engine(config)
+    with eng.ledger() as led:
+        cost = led.status().spent
+        assert cost > 0
+    body = eng.release(request())  # the kernel dropped the dead process's lock
+    with eng.ledger() as led:
+        assert led.status().spent == cost
+        assert [(h.decision, h.cost) for h in led.history()] == [
+            ("interrupted", cost), ("released", 0)]
+        assert led.history()[1].sha256 == hashlib.sha256(body).hexdigest()
+
+
+# -- concurrent identical requests are charged once -------------------------------------
+
+
+def test_24_threads_asking_the_same_study_are_charged_once(tmp_path: Path) -> None:
+    eng = engine(make_site(tmp_path))
+    req = request()
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        bodies = list(pool.map(lambda _: eng.release(req), range(24)))
+    assert len(set(bodies)) == 1
+    with eng.ledger() as led:
+        kinds = collections.Counter(e["kind"] for e in led.audit_entries())
+        assert (kinds["reserved"], kinds["released"], kinds["cached"]) == (1, 1, 23)
+        assert led.status().spent == SiteRelease.from_json(
+            json.loads(parse_envelope(bodies[0], "release").payload)).rho
+        assert led.verify_audit() == []
+
+
+# -- every request is recorded ----------------------------------------------------------
+
+
+def test_every_request_is_recorded_under_auto_approval(tmp_path: Path) -> None:
+    phq9_only = POLICY | {"allow": POLICY["allow"] | {"instruments": ["PHQ-9"]}}
+    eng = engine(make_site(tmp_path, phq9_only))
+    body = eng.release(request())
+    eng.release(request())  # cached
+    _refusal(eng, request(id="gad", instrument="GAD-7", bands=[[0, 9], [10, 21]]))
+    _refusal(eng, request(id="big", privacy={"rho": 0.2}))
+    with eng.ledger() as led:
+        rows = {r["study_id"]: r for r in led.requests()}
+        history = led.history()
+    assert rows["phq9-2026"]["state"] == "released"
+    assert rows["phq9-2026"]["sha256"] == hashlib.sha256(body).hexdigest()
+    assert rows["phq9-2026"]["title"] == "PHQ-9 expected change"
+    assert (rows["big"]["state"], rows["big"]["code"]) == ("refused", "over_study_cap")
+    assert [(h.study_id, h.decision, h.code) for h in history] == [
+        ("phq9-2026", "released", None), ("phq9-2026", "cached", None),
+        ("gad", "refused", "not_allowed"),
+        ("big", "refused", "over_study_cap")]
+    assert history[1].cost == 0 and history[1].sha256 == history[0].sha256
+    assert all(h.when and h.title for h in history)
+
+
+def test_malformed_release_requests_are_audited_without_their_text(tmp_path: Path) -> None:
+    from protocols import site_agent_pb2 as pb  # noqa: PLC0415
+    from site_agent.service import SiteAgentService  # noqa: PLC0415
+
+    eng = engine(make_site(tmp_path))
+    service = SiteAgentService(eng)
+    secret = b'{"id": "SECRET-CLIENT-NAME", "families": 7}'
+    assert service._answer("Release", pb.StudyMessage(study=secret), eng.release) \
+        is ErrorCode.MALFORMED_STUDY
+    assert service._answer("Preview", pb.StudyMessage(study=secret), eng.release) \
+        is ErrorCode.MALFORMED_STUDY  # previews spend nothing and are not audited
+    with eng.ledger() as led:
+        [entry] = [e for e in led.audit_entries() if e["kind"] == "refused"]
+        history = led.history()
+    assert entry["body"]["code"] == "malformed_study" and entry["body"]["channel"] == "grpc"
+    assert entry["body"]["bytes"] == len(secret)
+    assert entry["body"]["sha256"] == hashlib.sha256(secret).hexdigest()
+    assert b"SECRET" not in json.dumps(entry).encode()
+    assert [(h.decision, h.code) for h in history] == [("refused", "malformed_study")]

@@ -33,7 +33,7 @@ from site_agent.cli import main
 from site_agent.config import load_site_config
 from site_agent.errors import ExitCode
 from site_agent.privacy.engine import Refused, ReleaseEngine, load_study_request
-from site_agent.privacy.ledger import Ledger, LedgerRefusal
+from site_agent.privacy.ledger import Ledger, LedgerError, LedgerRefusal
 from site_agent.privacy.policy import load_policy
 
 from .helpers import HEADER, write_site
@@ -94,6 +94,8 @@ def _synthetic_site(tmp: Path, *, seed: int, budget: str, per_study: str) -> Pat
 
 
 def _open(state: Path, budget: Fraction = Fraction(1), **kw: Any) -> Ledger:
+    """The ledger in ``state`` (its anchor beside it, as by default); ``check=False``
+    opens a damaged one for verification."""
     return Ledger(state, budget=budget, period_days=kw.pop("period_days", 365), **kw)
 
 
@@ -154,7 +156,7 @@ def _edit_body(state: Path) -> None:
     with _raw(state) as db:
         db.execute(
             'UPDATE audit SET body = replace(body, \'"rho":"1/10"\', \'"rho":"1/1000"\') '
-            "WHERE seq = 1"
+            "WHERE seq = 2"
         )
         assert db.total_changes == 1
 
@@ -239,6 +241,7 @@ def test_clean_log_verifies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         kinds = [e["kind"] for e in led.audit_entries()]
         seqs = [e["seq"] for e in led.audit_entries()]
     assert kinds == [
+        "genesis",
         "reserved",
         "released",
         "reserved",
@@ -265,7 +268,9 @@ def test_tampering_is_detected(
     with _open(state) as led:
         _populate(led)
     tamper(state)
-    with _open(state) as led:
+    with pytest.raises(LedgerError, match="does not match its audit chain"):
+        _open(state)  # fail closed: a damaged ledger is not used
+    with _open(state, check=False) as led:
         problems = led.verify_audit()
     assert problems, f"{name} went unnoticed"
     assert any(expected in p for p in problems), problems
@@ -299,8 +304,8 @@ def test_tampering_inside_a_real_release_log(
     code, doc = _cli_verify(cfg, capsys)
     assert code == ExitCode.OK, doc["problems"]
     kinds = [e["kind"] for e in doc["entries"]]
-    assert kinds[:4] == ["reserved", "released", "reserved", "released"]
-    assert kinds[4:] and set(kinds[4:]) == {"refused"}
+    assert kinds[:5] == ["genesis", "reserved", "released", "reserved", "released"]
+    assert kinds[5:] and set(kinds[5:]) == {"refused"}
     last = len(kinds)
     with _raw(tmp_path / "state") as db:
         db.execute("UPDATE audit SET body = replace(body, 'three', 'other') WHERE seq = ?", (last,))
@@ -317,7 +322,7 @@ def test_garbled_body_is_reported_not_crashed_on(tmp_path: Path) -> None:
     with _raw(state) as db:
         db.execute("UPDATE audit SET body = 'not json' WHERE seq = 2")
     assert main(["audit", "--config", str(cfg), "--verify"]) == ExitCode.AUDIT
-    with _open(state) as led:
+    with _open(state, check=False) as led:
         assert any("edited" in p for p in led.verify_audit())
 
 
@@ -328,9 +333,13 @@ def test_a_refund_by_editing_the_spends_table_is_detected(tmp_path: Path) -> Non
     with _raw(state) as db:
         db.execute("DELETE FROM spends WHERE study_id = 'c'")
         db.execute("UPDATE spends SET rho = '1/1000000' WHERE study_id = 'a'")
-    with _open(state) as led:
-        assert led.status().spent < Fraction(3, 10)  # the budget came back
-        assert led.verify_audit() != []
+    with _open(state, check=False) as led:
+        assert led.status().spent == Fraction(3, 10)  # spending is summed from the chain
+        problems = led.verify_audit()
+    assert "spend 3 was audited but is missing from the ledger" in problems
+    assert "spend 1 differs from its audited reservation" in problems
+    with pytest.raises(LedgerError):
+        _open(state)
 
 
 # -- budget arithmetic -----------------------------------------------------------------
@@ -350,7 +359,7 @@ def test_reserving_exactly_the_budget_then_nothing_more(tmp_path: Path) -> None:
         assert led.status().spent == Fraction(3, 10)
         kinds = [e["kind"] for e in led.audit_entries()]
         # The ledger refuses without writing; the engine audits refusals (test_engine).
-        assert kinds == ["reserved"] * 3
+        assert kinds == ["genesis"] + ["reserved"] * 3
         assert led.verify_audit() == []
     with _open(tmp_path, budget=Fraction(3, 10) + Fraction(1, 10**40)) as led:
         _reserve(led, Fraction(1, 10**40), sid="d")  # exactly fits once the budget allows
@@ -441,7 +450,7 @@ def test_reservations_never_exceed_the_budget(
     budget: Fraction, cap_fraction: Fraction, amounts: list[Fraction]
 ) -> None:
     cap = budget * cap_fraction
-    with tempfile.TemporaryDirectory() as tmp, _open(Path(tmp), budget=budget) as led:
+    with tempfile.TemporaryDirectory() as tmp, _open(Path(tmp) / "s", budget=budget) as led:
         expected = Fraction(0)
         for i, rho in enumerate(amounts):
             before = led.status().spent
@@ -545,17 +554,17 @@ def test_losing_the_race_to_create_the_signing_key(
 
 
 def test_an_unreadable_signing_key_costs_no_budget(tmp_path: Path) -> None:
-    """The key is loaded before budget is reserved (it used to be loaded after)."""
+    """The key is checked when the ledger opens, before budget is reserved."""
     engine, req = _answer(tmp_path)
     state = tmp_path / "state"
-    state.mkdir()
+    engine.ledger().close()  # a site that has started once
     (state / crypto.KEY_FILE).write_bytes(b"")  # e.g. damaged, or a pre-fix partial write
     with pytest.raises(Refused) as exc:
         engine.release(req)
     assert exc.value.code is ErrorCode.INTERNAL_ERROR
-    with engine.ledger() as led:
-        assert led.status().spent == 0
-        assert [e["kind"] for e in led.audit_entries()] == ["refused"]
+    assert crypto.KEY_FILE in exc.value.detail and "restore it from backup" in exc.value.detail
+    assert _rows(state, "SELECT count(*) FROM spends") == [(0,)]
+    assert [k for (k,) in _rows(state, "SELECT kind FROM audit")] == ["genesis"]
 
 
 @pytest.mark.slow
@@ -724,3 +733,305 @@ def test_sigkill_never_leaks_a_release_or_overspends(tmp_path: Path) -> None:
     assert release("after")[0] in (ExitCode.OK, ExitCode.BUDGET_EXHAUSTED)
     _check_ledger(state)
     assert main(["audit", "--config", str(cfg), "--verify"]) == ExitCode.OK
+
+
+# -- M4: spends are bound to their period in the chain ---------------------------------
+
+
+def _two_periods(state: Path, now: list[dt.datetime]) -> None:
+    """Period 0 spends the whole budget; period 1 spends it again."""
+    with _open(state, budget=Fraction(1, 2), period_days=30, clock=lambda: now[0]) as led:
+        _reserve(led, Fraction(1, 2), sid="p0")
+        now[0] = T0 + dt.timedelta(days=31)
+        _reserve(led, Fraction(1, 2), sid="p1")
+        assert led.status().remaining == 0
+
+
+def test_the_chain_entry_of_a_spend_carries_its_period(tmp_path: Path) -> None:
+    now = [T0]
+    _two_periods(tmp_path / "state", now)
+    with _open(tmp_path / "state", period_days=30, clock=lambda: now[0]) as led:
+        entries = led.audit_entries()
+    assert entries[0]["kind"] == "genesis"
+    assert entries[0]["body"]["period_start"] == "2026-01-01"
+    spends = [e["body"] for e in entries if e["kind"] == "reserved"]
+    assert [(b["period"], b["period_start"], b["rho"], b["request_id"]) for b in spends] == [
+        (0, "2026-01-01", "1/2", "r-p0"),
+        (1, "2026-01-31", "1/2", "r-p1"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("UPDATE spends SET period = period - 1", "spend 2 differs from its audited reservation"),
+        ("UPDATE spends SET period = period - 1, period_start = '2026-01-01'", "spend 2 differs"),
+        ("DELETE FROM spends WHERE period = 1", "spend 2 was audited but is missing"),
+        (
+            "UPDATE meta SET value = '2026-01-31' WHERE key = 'period_start'",
+            "meta.period_start '2026-01-31' differs from the genesis entry's '2026-01-01'",
+        ),
+    ],
+)
+def test_editing_spends_or_the_period_start_refunds_nothing(
+    sql: str, expected: str, tmp_path: Path
+) -> None:
+    """M4: moving a spend to an earlier period, or the period start, used to restore the
+    whole budget with `audit --verify` saying OK."""
+    state, now = tmp_path / "state", [T0]
+    _two_periods(state, now)
+    with _raw(state) as db:
+        db.execute(sql)
+    clock = lambda: now[0]  # noqa: E731
+    with _open(state, budget=Fraction(1, 2), period_days=30, clock=clock, check=False) as led:
+        status = led.status()
+        assert (status.period, status.spent, status.remaining) == (1, Fraction(1, 2), 0)
+        with pytest.raises(LedgerError):
+            _reserve(led, Fraction(1, 100), sid="free")  # nothing is written to it either
+        problems = led.verify_audit()
+    assert any(expected in p for p in problems), problems
+    with pytest.raises(LedgerError, match="restored from the backup that matches the anchor"):
+        _open(state, budget=Fraction(1, 2), period_days=30, clock=lambda: now[0])
+
+
+# -- the anchor: a ledger that is deleted, replaced or rolled back is refused ------------
+
+
+def _site_with_history(tmp: Path) -> tuple[Path, Path, Path]:
+    """A site that released two studies and refused one; returns (site.yaml, state, anchor)."""
+    cfg = _small_site(tmp, budget="0.25", per_study="0.1")
+    for sid in ("one", "two", "three"):
+        _write_study(tmp / f"{sid}.yaml", sid, "0.1", ["counts"])
+        main(["release", "--config", str(cfg), "--study", str(tmp / f"{sid}.yaml"),
+              "--out", str(tmp / f"{sid}.json")])
+    return cfg, tmp / "state", tmp / "state.anchor.json"
+
+
+def _delete_ledger(state: Path) -> None:
+    for name in ("ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm"):
+        (state / name).unlink(missing_ok=True)
+
+
+def _truncate_ledger(state: Path) -> None:
+    _delete_ledger(state)
+    (state / "ledger.sqlite").write_bytes(b"")
+
+
+def _wipe_tables(state: Path) -> None:
+    with _raw(state) as db:
+        db.executescript(
+            "BEGIN; DELETE FROM audit WHERE seq > 1; DELETE FROM spends; DELETE FROM releases;"
+            "DELETE FROM requests; UPDATE meta SET value = '1' WHERE key = 'audit_seq';"
+            "UPDATE meta SET value = (SELECT hash FROM audit WHERE seq = 1) "
+            "WHERE key = 'audit_head'; COMMIT;"
+        )
+
+
+def _drop_trailing_entries(state: Path) -> None:
+    # Drop the trailing entries and rewind the recorded head: the chain is consistent.
+    with _raw(state) as db:
+        (last,) = db.execute("SELECT max(seq) FROM audit").fetchone()
+        (head,) = db.execute("SELECT hash FROM audit WHERE seq = ?", (last - 1,)).fetchone()
+        db.executescript(
+            f"BEGIN; DELETE FROM audit WHERE seq = {last}; "
+            f"UPDATE meta SET value = '{last - 1}' WHERE key = 'audit_seq'; "
+            f"UPDATE meta SET value = '{head}' WHERE key = 'audit_head'; COMMIT;"
+        )
+
+
+def _delete_anchor(state: Path) -> None:
+    (state.parent / "state.anchor.json").unlink()
+
+
+def _forge_anchor(state: Path) -> None:
+    path = state.parent / "state.anchor.json"
+    doc = json.loads(path.read_text())
+    doc["checkpoint"]["spent"] = "0"
+    path.write_text(json.dumps(doc))
+
+
+def _delete_key(state: Path) -> None:
+    (state / crypto.KEY_FILE).unlink()
+
+
+def _replace_key(state: Path) -> None:
+    (state / crypto.KEY_FILE).unlink()
+    crypto.create_key(state)
+
+
+ANCHOR_TAMPERS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "delete-ledger": (_delete_ledger, "restore ledger.sqlite (with its -wal file) from backup"),
+    "truncate-ledger": (_truncate_ledger, "ledger.sqlite: missing or empty"),
+    "wipe-tables": (_wipe_tables, "entries were removed from the end, or the ledger is an older"),
+    "drop-trailing": (_drop_trailing_entries, "entries were removed from the end"),
+    "delete-anchor": (_delete_anchor, "the ledger's anchor is missing"),
+    "forge-anchor": (_forge_anchor, "its signature does not verify (edited)"),
+    "delete-key": (_delete_key, "the site's signing key is missing. Restore it from backup"),
+    "replace-key": (_replace_key, "was signed by another key"),
+}
+
+
+@pytest.mark.parametrize("name", list(ANCHOR_TAMPERS))
+def test_a_ledger_that_does_not_match_its_anchor_refuses_to_release(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each of these passed `audit --verify` and let the site start afresh before."""
+    tamper, expected = ANCHOR_TAMPERS[name]
+    cfg, state, anchor = _site_with_history(tmp_path)
+    assert anchor.exists() and main(["audit", "--config", str(cfg), "--verify"]) == ExitCode.OK
+    key_before = (state / crypto.KEY_FILE).read_bytes()
+    tamper(state)
+    capsys.readouterr()
+    _write_study(tmp_path / "new.yaml", "new", "0.01", ["counts"])
+    out = tmp_path / "new.json"
+    code = main(["release", "--config", str(cfg), "--study", str(tmp_path / "new.yaml"),
+                 "--out", str(out), "--json"])
+    assert code == ExitCode.INTERNAL_ERROR
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["refused"] == "internal_error"  # all that would cross the wire
+    assert expected in doc["detail_local_only"], doc["detail_local_only"]
+    assert not out.exists()
+    # Other commands fail closed too, naming the problem; --verify reports it (exit 5).
+    assert main(["budget", "--config", str(cfg)]) == ExitCode.AUDIT
+    assert "ledger unusable" in capsys.readouterr().err
+    assert main(["audit", "--config", str(cfg), "--verify"]) == ExitCode.AUDIT
+    captured = capsys.readouterr()
+    assert "audit chain: BROKEN" in captured.out or "ledger unusable" in captured.err
+    # Nothing was started afresh: no new key, no new ledger over the old one.
+    if name == "delete-key":
+        assert not (state / crypto.KEY_FILE).exists()
+    elif name != "replace-key":
+        assert (state / crypto.KEY_FILE).read_bytes() == key_before
+    if name in ("delete-ledger", "truncate-ledger"):
+        db = state / "ledger.sqlite"
+        assert not db.exists() or db.stat().st_size == 0
+
+
+def test_a_ledger_rolled_back_to_an_older_copy_is_refused(tmp_path: Path) -> None:
+    cfg, state, _ = _site_with_history(tmp_path)
+    with _raw(state) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    old = (state / "ledger.sqlite").read_bytes()
+    _write_study(tmp_path / "four.yaml", "four", "0.01", ["counts"])
+    assert main(["release", "--config", str(cfg), "--study", str(tmp_path / "four.yaml"),
+                 "--out", str(tmp_path / "four.json")]) == ExitCode.OK
+    _delete_ledger(state)
+    (state / "ledger.sqlite").write_bytes(old)  # the budget of "four" would come back
+    engine = ReleaseEngine(load_site_config(cfg), load_policy(tmp_path / "privacy.yaml"))
+    with pytest.raises(LedgerError, match=r"entries were removed from the end, or the ledger is"):
+        engine.ledger()
+    with engine.ledger(check=False) as led:
+        assert any("older copy" in p for p in led.verify_audit())
+
+
+def test_a_swapped_cached_release_is_detected_and_never_served(tmp_path: Path) -> None:
+    cfg, state, _ = _site_with_history(tmp_path)
+    original = (tmp_path / "one.json").read_bytes()
+    forged = original.replace(b'"values"', b'"values" ')
+    with _raw(state) as db:
+        db.execute("UPDATE releases SET body = ? WHERE study_id = 'one'", (forged,))
+    engine = ReleaseEngine(load_site_config(cfg), load_policy(tmp_path / "privacy.yaml"))
+    with pytest.raises(Refused) as exc:
+        engine.release(load_study_request(tmp_path / "one.yaml"))
+    assert exc.value.code is ErrorCode.INTERNAL_ERROR and "(swapped)" in exc.value.detail
+    with engine.ledger(check=False) as led:
+        assert "cached release of study 'one': its body does not match the SHA-256 in the " \
+            "audit log (swapped)" in led.verify_audit()
+    with _raw(state) as db:  # and with its recorded digest changed to match
+        db.execute("UPDATE releases SET sha256 = ? WHERE study_id = 'one'",
+                   (hashlib.sha256(forged).hexdigest(),))
+    with engine.ledger(check=False) as led:
+        assert any("differs from its audit entry (swapped)" in p for p in led.verify_audit())
+
+
+def test_only_a_truly_fresh_site_is_initialised(tmp_path: Path) -> None:
+    state, anchor = tmp_path / "state", tmp_path / "state.anchor.json"
+    with _open(state) as led:  # fresh: ledger, key and anchor together
+        key = crypto.raw_public(led.signing_key())
+    assert (state / "ledger.sqlite").exists() and (state / crypto.KEY_FILE).exists()
+    doc = json.loads(anchor.read_text())
+    assert doc["public_key"] == key.hex() and doc["checkpoint"]["seq"] == 1
+    assert anchor.stat().st_mode & 0o077 == 0
+    # The key alone (ledger and anchor deleted) is not a fresh site.
+    _delete_ledger(state)
+    anchor.unlink()
+    with pytest.raises(LedgerError, match=r"the ledger was deleted\. Restore both from backup"):
+        _open(state)
+    assert not (state / "ledger.sqlite").exists()
+
+
+def test_an_interrupted_first_start_is_finished(tmp_path: Path) -> None:
+    """The anchor is written last: a genesis-only ledger without one is a first start
+    that was cut short (nothing can have been spent), not a deletion."""
+    state, anchor = tmp_path / "state", tmp_path / "state.anchor.json"
+    _open(state).close()
+    anchor.unlink()
+    _delete_key(state)
+    with _open(state) as led:
+        assert [e["kind"] for e in led.audit_entries()] == ["genesis"]
+    assert anchor.exists() and (state / crypto.KEY_FILE).exists()
+
+
+def test_a_crash_between_commit_and_checkpoint_is_re_anchored(tmp_path: Path) -> None:
+    state, anchor = tmp_path / "state", tmp_path / "state.anchor.json"
+    with _open(state) as led:
+        before = anchor.read_bytes()
+        _reserve(led, Fraction(1, 10))
+    anchor.write_bytes(before)  # as if killed after the commit, before the anchor
+    with _open(state) as led:
+        assert led.status().spent == Fraction(1, 10)
+    assert json.loads(anchor.read_text())["checkpoint"]["seq"] == 2
+    assert json.loads(anchor.read_text())["checkpoint"]["spent"] == "1/10"
+
+
+def test_an_old_schema_ledger_is_refused_with_the_fix(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    with closing(sqlite3.connect(state / "ledger.sqlite")) as db:
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        db.execute("INSERT INTO meta VALUES ('period_start', '2025-01-01')")
+        db.commit()
+    crypto.create_key(state)
+    with pytest.raises(LedgerError, match=
+        r"ledger schema 1, this outcomebench needs schema 2",
+    ) as e:
+        _open(state)
+    assert "move it aside" in str(e.value)
+
+
+def test_the_service_does_not_start_on_a_broken_ledger(tmp_path: Path) -> None:
+    from site_agent.errors import ConfigError  # noqa: PLC0415
+    from site_agent.service import AgentServer  # noqa: PLC0415
+
+    cfg, state, _ = _site_with_history(tmp_path)
+    _delete_ledger(state)
+    engine = ReleaseEngine(load_site_config(cfg), load_policy(tmp_path / "privacy.yaml"))
+    with pytest.raises(ConfigError, match=r"restore ledger\.sqlite"):
+        AgentServer(engine, tmp_path / "agent.sock").start()
+    assert not (tmp_path / "agent.sock").exists()
+
+
+# -- retries reuse a reservation that never completed -----------------------------------
+
+
+def test_a_reservation_that_did_not_complete_is_reused_once(tmp_path: Path) -> None:
+    now = [T0]
+    with _open(tmp_path / "s", period_days=30, clock=lambda: now[0]) as led:
+        first = _reserve(led, Fraction(1, 10), sid="a")  # then the attempt failed
+        again = _reserve(led, Fraction(1, 10), sid="a")
+        assert (again.spend_id, again.reused, again.charged) == (first.spend_id, True, 0)
+        assert led.status().spent == Fraction(1, 10)
+        led.complete(again, study_id="a", study_hash="h-a", body=b"x")
+        # Completed: a later reservation of the same request is a new charge.
+        third = _reserve(led, Fraction(1, 10), sid="a")
+        assert not third.reused and led.status().spent == Fraction(2, 10)
+        # Another request (or amount) never takes it over.
+        assert not _reserve(led, Fraction(1, 10), sid="b").reused
+        assert not _reserve(led, Fraction(1, 20), sid="a").reused
+        # A reservation of an earlier period is not carried into the next one.
+        now[0] = T0 + dt.timedelta(days=30)
+        fresh = _reserve(led, Fraction(1, 10), sid="a")
+        assert not fresh.reused and led.status().spent == Fraction(1, 10)
+        assert led.verify_audit() == []
+    kinds = [k for (k,) in _rows(tmp_path / "s", "SELECT kind FROM audit ORDER BY seq")]
+    assert kinds.count("reused") == 1
