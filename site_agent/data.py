@@ -146,11 +146,22 @@ class _Written:
             for chunk in values.chunks:
                 end = start + len(chunk)
                 lo, hi = np.searchsorted(pos, [start, end])
-                taken += chunk.take(pa.array(pos[lo:hi] - start)).to_pylist()
+                taken += _pylist(chunk.take(pa.array(pos[lo:hi] - start)))
                 start = end
         else:
-            taken = values.take(pa.array(pos)).to_pylist()
+            taken = _pylist(values.take(pa.array(pos)))
         return ["" if v is None else str(v) for v in taken]
+
+
+def _pylist(values: pa.Array) -> list[Any]:
+    """Python values for the report; a date or time Python cannot hold (year 10000 and
+    beyond) is shown as its raw count of days or ticks, never an error."""
+    try:
+        return list(values.to_pylist())
+    except (OverflowError, ValueError, pa.ArrowException):
+        width = pa.int32() if pa.types.is_date32(values.type) else pa.int64()
+        ticks = values.cast(width).to_pylist()
+        return [None if v is None else f"{v} ({values.type} units since 1970)" for v in ticks]
 
 
 class _Problems:

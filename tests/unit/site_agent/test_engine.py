@@ -11,11 +11,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocols.codes import MESSAGES, ErrorCode
+from protocols.instruments import parse_instrument
 from protocols.release import SiteRelease, parse_envelope
+from protocols.study import parse_study
 from site_agent import crypto
-from site_agent.data import read_intake
+from site_agent.data import Records, read_intake
 from site_agent.outcomes import derive_episodes
 from site_agent.privacy import Refused, StudyRequest, load_study_request
+from site_agent.privacy import engine as engine_mod
 from site_agent.privacy.statistics import exact_blocks, select_episodes
 
 from .privacy_helpers import POLICY, STUDY, engine, make_site, request
@@ -177,8 +180,6 @@ def test_compute_failure_after_reservation_releases_the_empty_contribution(
     # Should computing the exact blocks fail despite everything (here: the file vanishes
     # between the structure check and the read), the coordinator still gets a release:
     # the noised zero vectors, charged once; the privacy officer sees why in the audit.
-    from site_agent.privacy import engine as engine_mod
-
     config = make_site(tmp_path)
     eng = engine(config)
 
@@ -241,7 +242,8 @@ def test_h2_inline_redefinition_of_a_site_instrument_is_refused_at_no_cost(
         assert eng.preview(narrower)["code"] == "not_allowed"
         with pytest.raises(Refused) as err:
             eng.release(narrower)
-        assert err.value.code is ErrorCode.NOT_ALLOWED and "range lo 5 (site: 0)" in err.value.detail
+        assert err.value.code is ErrorCode.NOT_ALLOWED
+        assert "range lo 5 (site: 0)" in err.value.detail
         with eng.ledger() as led:
             assert led.status().spent == 0
     # The site's own definition, written inline, is the same instrument: released.
@@ -252,10 +254,6 @@ def test_h2_inline_redefinition_of_a_site_instrument_is_refused_at_no_cost(
 def test_h2_out_of_range_episodes_are_not_counted_never_an_error() -> None:
     # Defence in depth: had a narrower instrument reached the computation, an intake
     # below its range (band -1) made np.bincount raise in the histogram.
-    from protocols.instruments import parse_instrument
-    from protocols.study import parse_study
-    from site_agent.data import Records
-
     narrow = parse_instrument("BDI-X", _BDI_X | {"range": [5, 27]})
     study = parse_study(STUDY | {"id": "bdi", "bands": [[5, 27]], "families": ALL_FAMILIES,
                                  "instrument": {"id": "BDI-X",
