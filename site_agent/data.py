@@ -13,6 +13,22 @@ session numbers and a few hundred dates millions of times. Exports usually come 
 by client and session, so sorting is skipped when the rows are already in order. Line
 numbers are the file's physical lines (header = line 1) for CSV, and 1-based row numbers
 for Parquet.
+
+What refuses the whole file and what goes to the quarantine (the rule the release engine
+relies on: a refusal must never depend on the clinic's client records, because it would
+tell the coordinator something about them without noise):
+
+- The file's *structure* refuses it with :class:`DataError`: it is missing or unreadable,
+  it is not in its format (Parquet bytes behind a ``.csv`` name, or the reverse), a column
+  named in ``data.columns`` is not in the header or schema, or a Parquet column has a type
+  that cannot hold its field (binary, bool, list, struct ... ids, scores, sessions or
+  dates). These are properties of the export's format, the same for a data set and its
+  neighbour with one client more or less. :func:`check_export` checks exactly these, reads
+  no records, and is what the release engine calls before it reserves budget.
+- Everything about *values* is per row: a value that is missing, cannot be parsed, or is
+  out of range quarantines its row, never the file. Parquet types that pandas picks from
+  the values themselves are accepted for that reason: an integer column becomes float
+  when one value is missing, and a column whose values are all missing has type null.
 """
 
 from __future__ import annotations
@@ -38,13 +54,17 @@ from protocols.spec import did_you_mean
 from site_agent.config import DataSource
 from site_agent.errors import DataError
 
-__all__ = ["QUARANTINE_COLUMNS", "Intake", "Records", "read_intake"]
+__all__ = ["QUARANTINE_COLUMNS", "Intake", "Records", "check_export", "read_intake"]
 
 QUARANTINE_COLUMNS = ("file", "line", "field", "value", "reason", "fix")
 _NO_DATE = np.iinfo(np.int32).min
 _INT_RE = r"^-?[0-9]+(\.0*)?$"  # no "+": pyarrow's cast rejects it
 _NUMBER_RE = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
 _INT64_MAX = int(np.iinfo(np.int64).max)
+# Dates are valid from 0001-01-01 to 9999-12-31 (days since 1970-01-01); the sentinel
+# _NO_DATE lies outside, so no value in a file can pose as "no date".
+_DAY_MIN, _DAY_MAX = -719_162, 2_932_896
+_PARQUET_MAGIC = b"PAR1"
 
 Int = npt.NDArray[np.int64]
 Bool = npt.NDArray[np.bool_]
@@ -126,11 +146,22 @@ class _Written:
             for chunk in values.chunks:
                 end = start + len(chunk)
                 lo, hi = np.searchsorted(pos, [start, end])
-                taken += chunk.take(pa.array(pos[lo:hi] - start)).to_pylist()
+                taken += _pylist(chunk.take(pa.array(pos[lo:hi] - start)))
                 start = end
         else:
-            taken = values.take(pa.array(pos)).to_pylist()
+            taken = _pylist(values.take(pa.array(pos)))
         return ["" if v is None else str(v) for v in taken]
+
+
+def _pylist(values: pa.Array) -> list[Any]:
+    """Python values for the report; a date or time Python cannot hold (year 10000 and
+    beyond) is shown as its raw count of days or ticks, never an error."""
+    try:
+        return list(values.to_pylist())
+    except (OverflowError, ValueError, pa.ArrowException):
+        width = pa.int32() if pa.types.is_date32(values.type) else pa.int64()
+        ticks = values.cast(width).to_pylist()
+        return [None if v is None else f"{v} ({values.type} units since 1970)" for v in ticks]
 
 
 class _Problems:
@@ -169,65 +200,217 @@ class _Problems:
         return out.sort_values(["line", "field"], kind="stable", ignore_index=True)
 
 
-def _read_table(src: DataSource) -> tuple[pa.Table, Int, list[tuple[int, str]]]:
-    """The mapped columns as a table, the source line of each row, and unparseable lines."""
+def check_export(src: DataSource) -> None:
+    """Check the export's structure without reading its records: the file exists and can
+    be opened in its format, the mapped columns are there and, in Parquet, each has a type
+    its field can use. Raises :class:`DataError` naming the file, the problem and the fix.
+
+    Only structure is checked (see the module docstring): the outcome is the same for any
+    two exports that differ in one client's records."""
+    _structure(src)
+
+
+def _structure(src: DataSource) -> pa.Schema | None:
+    """:func:`check_export`; returns the Parquet schema (None for CSV)."""
     wanted = src.columns.mapped()
     path = src.path
     if not path.is_file():
         raise DataError(str(path), "no such file; check data.path in site.yaml")
     try:
+        with path.open("rb") as fh:
+            head = fh.read(len(_PARQUET_MAGIC))
+            if src.format == "parquet":
+                if head != _PARQUET_MAGIC:
+                    raise DataError(
+                        str(path),
+                        "is not a Parquet file (it does not start with PAR1); export it "
+                        "again as Parquet, or set data.format: csv if it is a CSV file",
+                    )
+            else:
+                if head == _PARQUET_MAGIC:
+                    raise DataError(
+                        str(path),
+                        "is a Parquet file, not CSV; name it .parquet or set "
+                        "data.format: parquet in site.yaml",
+                    )
+                fh.seek(0)
+                header = fh.readline().decode("utf-8-sig", errors="replace").rstrip("\r\n")
         if src.format == "parquet":
             schema = pq.read_schema(path)
             _check_columns(path, list(schema.names), wanted)
-            table = pq.read_table(path, columns=list(dict.fromkeys(wanted.values())))
-            return table, np.arange(1, table.num_rows + 1, dtype=np.int64), []
-        with path.open("rb") as fh:
-            header = fh.readline().decode("utf-8-sig", errors="replace").rstrip("\r\n")
-        names = next(csv.reader([header]), [])
-        _check_columns(path, names, wanted)
-        table, ragged = _read_csv(path, list(dict.fromkeys(wanted.values())), threads=True)
-        if not ragged:
-            return table, np.arange(2, table.num_rows + 2, dtype=np.int64), []
-        # Rare: some lines have the wrong number of fields. Only a sequential read knows
-        # their line numbers, which the lines of every other row depend on.
-        table, ragged = _read_csv(path, list(dict.fromkeys(wanted.values())), threads=False)
-        skipped = np.array(sorted(n for n, _ in ragged), dtype=np.int64)
-        all_lines = np.arange(2, table.num_rows + len(skipped) + 2, dtype=np.int64)
-        return table, np.setdiff1d(all_lines, skipped, assume_unique=True), ragged
+            _check_types(path, schema, wanted)
+            return schema
+        _check_columns(path, next(csv.reader([header]), []), wanted)
+        return None
     except DataError:
         raise
-    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
+    except (pa.ArrowException, OSError, csv.Error) as exc:
+        raise _unreadable(src, exc) from None
+
+
+def _unreadable(src: DataSource, exc: Exception) -> DataError:
+    return DataError(
+        str(src.path),
+        f"cannot read the file as {src.format} ({exc.__class__.__name__}: "
+        f"{_printable(str(exc).splitlines()[0] if str(exc) else '')[:200]}); export it again "
+        f"as UTF-8 {'CSV with a header line' if src.format == 'csv' else 'Parquet'}",
+    )
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: file contents never reach a terminal raw."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+# Which Parquet types each field can be read from. Text and integers (and floats, which
+# pandas makes of an integer column with a missing value) for identifiers; numbers or
+# text for scores and sessions; dates, timestamps or text (parsed with data.date_format)
+# for dates. Null (every value missing) for all: the rows go to the quarantine.
+def _text(t: pa.DataType) -> bool:
+    return bool(pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t))
+
+
+def _number(t: pa.DataType) -> bool:
+    return bool(pa.types.is_integer(t) or pa.types.is_floating(t))
+
+
+_USABLE: Mapping[str, tuple[str, Any]] = {
+    "id": ("text or integers", lambda t: _text(t) or _number(t)),
+    "number": (
+        "integers, floats, decimals or text",
+        lambda t: _text(t) or _number(t) or pa.types.is_decimal(t),
+    ),
+    "date": (
+        "dates, timestamps or text",
+        lambda t: (
+            _text(t) or pa.types.is_date(t) or pa.types.is_timestamp(t) or pa.types.is_integer(t)
+        ),
+    ),
+}
+_FIELD_KIND = {
+    "client_id": "id",
+    "episode_id": "id",
+    "instrument": "id",
+    "score": "number",
+    "session": "number",
+    "date": "date",
+}
+
+
+def _check_types(path: Path, schema: pa.Schema, wanted: Mapping[str, str]) -> None:
+    problems = []
+    for fld, col in wanted.items():
+        kind = _FIELD_KIND.get(fld)
+        if kind is None:
+            continue  # read but not used (therapist_id): any type will do
+        t = schema.field(col).type
+        value = t.value_type if pa.types.is_dictionary(t) else t
+        described, usable = _USABLE[kind]
+        if not (pa.types.is_null(value) or usable(value)):
+            problems.append(f"column {col!r} ({fld}) has Parquet type {t}; {fld} needs {described}")
+    if problems:
         raise DataError(
             str(path),
-            f"cannot read the file as {src.format} ({exc.__class__.__name__}: "
-            f"{str(exc).splitlines()[0][:200]}); export it again as UTF-8 "
-            f"{'CSV with a header line' if src.format == 'csv' else 'Parquet'}",
-        ) from None
+            f"{'; '.join(problems)}. Export these columns with those types (e.g. ids as "
+            "text, scores and sessions as integers, dates as dates), or map data.columns "
+            "in site.yaml to other columns.",
+        )
+
+
+def _read_table(src: DataSource) -> tuple[pa.Table, Int, list[tuple[int, str]], _BadText]:
+    """The mapped columns as a table, the source line of each row, unparseable lines, and
+    the rows of each CSV column whose bytes are not UTF-8."""
+    wanted = src.columns.mapped()
+    path = src.path
+    schema = _structure(src)
+    columns = list(dict.fromkeys(wanted.values()))
+    try:
+        if schema is not None:
+            table = pq.read_table(path, columns=columns)
+            return _plain(table), np.arange(1, table.num_rows + 1, dtype=np.int64), [], {}
+        table, ragged, bad_text = _read_csv(path, columns, threads=True)
+        if not ragged:
+            return table, np.arange(2, table.num_rows + 2, dtype=np.int64), [], bad_text
+        # Rare: some lines have the wrong number of fields. Only a sequential read knows
+        # their line numbers, which the lines of every other row depend on.
+        table, ragged, bad_text = _read_csv(path, columns, threads=False)
+        skipped = np.array(sorted(n for n, _ in ragged), dtype=np.int64)
+        all_lines = np.arange(2, table.num_rows + len(skipped) + 2, dtype=np.int64)
+        return table, np.setdiff1d(all_lines, skipped, assume_unique=True), ragged, bad_text
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+        raise _unreadable(src, exc) from None
+
+
+def _plain(table: pa.Table) -> pa.Table:
+    """Dictionary-encoded columns (pandas categoricals) decoded to their value type."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_dictionary(f.type):
+            table = table.set_column(i, f.name, pc.cast(table.column(i), f.type.value_type))
+    return table
+
+
+_BadText = dict[str, npt.NDArray[np.bool_]]
 
 
 def _read_csv(
     path: Path, columns: list[str], *, threads: bool
-) -> tuple[pa.Table, list[tuple[int, str]]]:
+) -> tuple[pa.Table, list[tuple[int, str]], _BadText]:
     ragged: list[tuple[int, str]] = []
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
         ragged.append((row.number if row.number is not None else -1, row.text))
         return "skip"
 
-    table = pacsv.read_csv(
-        path,
-        read_options=pacsv.ReadOptions(use_threads=threads, block_size=1 << 24),
-        parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid, ignore_empty_lines=False),
-        # Everything as text: ids keep their leading zeros, and a bad value is reported
-        # as written instead of becoming a silent null.
-        convert_options=pacsv.ConvertOptions(
-            include_columns=columns,
-            column_types=dict.fromkeys(columns, pa.string()),
-            strings_can_be_null=False,
-            quoted_strings_can_be_null=False,
-        ),
-    )
-    return table, ragged
+    def read(kind: pa.DataType) -> pa.Table:
+        ragged.clear()
+        return pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(use_threads=threads, block_size=1 << 24),
+            parse_options=pacsv.ParseOptions(
+                invalid_row_handler=on_invalid, ignore_empty_lines=False
+            ),
+            # Everything as text: ids keep their leading zeros, and a bad value is
+            # reported as written instead of becoming a silent null.
+            convert_options=pacsv.ConvertOptions(
+                include_columns=columns,
+                column_types=dict.fromkeys(columns, kind),
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+
+    try:
+        return read(pa.string()), ragged, {}
+    except pa.ArrowInvalid as exc:
+        if "UTF8" not in str(exc):
+            raise
+    # Rare: bytes that are not UTF-8 in some values. They are one client's data, not the
+    # file's structure, so their rows are quarantined rather than the file refused.
+    table = read(pa.binary())
+    bad: _BadText = {}
+    for name in table.column_names:
+        text, invalid = _utf8(table.column(name))
+        table = table.set_column(table.schema.get_field_index(name), name, text)
+        if invalid.any():
+            bad[name] = invalid
+    return table, ragged, bad
+
+
+def _utf8(col: pa.ChunkedArray) -> tuple[pa.ChunkedArray, npt.NDArray[np.bool_]]:
+    """A binary column as text (bytes that are not UTF-8 replaced), and its rows that had
+    such bytes. Decoded once per distinct value."""
+    enc = pc.dictionary_encode(col.combine_chunks())
+    decoded, invalid = [], []
+    for raw in enc.dictionary.to_pylist():
+        try:
+            decoded.append(raw.decode("utf-8"))
+            invalid.append(False)
+        except UnicodeDecodeError:
+            decoded.append(raw.decode("utf-8", errors="replace"))
+            invalid.append(True)
+    codes = enc.indices.to_numpy(zero_copy_only=False)
+    text = pa.array(decoded, pa.string()).take(enc.indices)
+    return pa.chunked_array([text]), np.asarray(invalid, dtype=bool)[codes]
 
 
 def _check_columns(path: Path, names: list[str], wanted: Mapping[str, str]) -> None:
@@ -240,7 +423,8 @@ def _check_columns(path: Path, names: list[str], wanted: Mapping[str, str]) -> N
         raise DataError(
             str(path),
             f"columns named in data.columns are not in the file: {'; '.join(missing)}. "
-            f"The file has: {', '.join(names)}. Fix data.columns in site.yaml.",
+            f"The file has: {_printable(', '.join(names))[:2000]}. Fix data.columns in "
+            "site.yaml.",
         )
 
 
@@ -358,8 +542,11 @@ def _integers(col: pa.ChunkedArray) -> _Parsed:
     if pa.types.is_integer(col.type):
         arr = col.combine_chunks()
         missing = arr.is_null().to_numpy(zero_copy_only=False)
-        values = pc.fill_null(arr, 0).to_numpy(zero_copy_only=False).astype(np.int64)
-        return _Parsed(None, values, missing, np.zeros_like(missing), arr)
+        raw = pc.fill_null(arr, 0).to_numpy(zero_copy_only=False)
+        # uint64 beyond int64 would wrap around to a small (maybe valid) number.
+        huge = raw > _INT64_MAX if raw.dtype == np.uint64 else np.zeros_like(missing)
+        values = np.where(huge, 0, raw).astype(np.int64)
+        return _Parsed(None, values, missing, huge, arr)
     if pa.types.is_floating(col.type):
         arr = col.combine_chunks()
         f = pc.fill_null(arr, np.nan).to_numpy(zero_copy_only=False)
@@ -414,9 +601,10 @@ def _dates(col: pa.ChunkedArray, fmt: str) -> _Parsed:
     if pa.types.is_date(col.type) or pa.types.is_timestamp(col.type):
         arr = col.combine_chunks()
         missing = arr.is_null().to_numpy(zero_copy_only=False)
-        days = pc.cast(pc.cast(arr, pa.date32()), pa.int32())
-        values = pc.fill_null(days, 0).to_numpy(zero_copy_only=False).astype(np.int64)
-        return _Parsed(None, values, missing, np.zeros_like(missing), arr)
+        values, bad = _typed_days(arr)
+        bad &= ~missing
+        values[missing | bad] = 0
+        return _Parsed(None, values, missing, bad, arr)
     codes, text = _distinct(col)
     missing = pc.equal(text, "").to_numpy(zero_copy_only=False)
     # strptime rolls impossible dates over (2026-02-31 -> 2026-03-03): a date is valid
@@ -428,7 +616,32 @@ def _dates(col: pa.ChunkedArray, fmt: str) -> _Parsed:
     days = pc.cast(pc.cast(parsed, pa.date32()), pa.int32())
     bad = days.is_null().to_numpy(zero_copy_only=False) & ~missing
     values = pc.fill_null(days, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    bad |= ~missing & ((values < _DAY_MIN) | (values > _DAY_MAX))
     return _Parsed(codes, values, missing, bad, text)
+
+
+_PER_DAY = {"s": 86_400, "ms": 86_400_000, "us": 86_400_000_000, "ns": 86_400_000_000_000}
+
+
+def _typed_days(arr: pa.Array) -> tuple[Int, Bool]:
+    """Days since 1970-01-01 of a date or timestamp array, and which values lie outside
+    years 1-9999 (arrow's casts would raise on them, or silently wrap around)."""
+    t = arr.type
+    if pa.types.is_date32(t):
+        days = pc.fill_null(arr.cast(pa.int32()), 0).to_numpy(zero_copy_only=False)
+        days = days.astype(np.int64)
+        return days, (days < _DAY_MIN) | (days > _DAY_MAX)
+    ticks = pc.fill_null(arr.cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
+    per_day = _PER_DAY["ms"] if pa.types.is_date64(t) else _PER_DAY[t.unit]
+    # A day's margin, so that a time zone cannot carry a date past the ends.
+    lo, hi = (_DAY_MIN + 1) * per_day, (_DAY_MAX - 1) * per_day
+    bad = (ticks < lo) | (ticks > hi)
+    if pa.types.is_date64(t) or t.tz is None:
+        return np.floor_divide(np.where(bad, 0, ticks), per_day), bad
+    # A zoned timestamp's date is its local date: arrow's cast knows the zone's rules.
+    safe = pc.if_else(pa.array(bad), pa.nulls(len(arr), t), arr)
+    days = pc.cast(pc.cast(safe, pa.date32()), pa.int32())
+    return pc.fill_null(days, 0).to_numpy(zero_copy_only=False).astype(np.int64), bad
 
 
 def _strip_zeros(text: pa.Array) -> pa.Array:
@@ -489,11 +702,21 @@ def _empty(text: pa.Array) -> Bool:
 def read_intake(src: DataSource, instruments: Mapping[str, Instrument]) -> Intake:
     """Read and validate the export. Raises :class:`DataError` only when the file as a
     whole cannot be read; every row-level problem goes to the quarantine report."""
-    table, lines, ragged = _read_table(src)
+    table, lines, ragged, bad_text = _read_table(src)
     cols = src.columns
     n = table.num_rows
     file = src.path.name
     q = _Problems(file, lines)
+    for fld, col in cols.mapped().items():
+        if col in bad_text and fld != "therapist_id":
+            q.add(
+                np.flatnonzero(bad_text.pop(col)),
+                fld,
+                _Written(table.column(col)),
+                "not UTF-8 text",
+                "export the file again as UTF-8 (the value is shown with the bad bytes "
+                "replaced by U+FFFD)",
+            )
     if ragged:
         q.parts.append(
             pd.DataFrame(

@@ -3,6 +3,18 @@ noise -> cache -> audit -> return. Nothing else computes on client data for expo
 
 :class:`ReleaseEngine` refuses with :class:`Refused`, which carries a protocol error code;
 its ``detail`` is for the site's own operators and never leaves the site.
+
+What may decide the kind of answer (a release, or which refusal): only the study, the
+policy, the ledger and the site's configuration, including the *structure* of the export
+(the file is there and readable in its format, its columns exist and, in Parquet, have
+usable types; :func:`site_agent.data.check_export`). These are the same for two data sets
+that differ in one client, and are all checked before budget is reserved, so a refusal
+costs nothing. Nothing that depends on the client records may: once budget is reserved
+the computation is total. Rows that cannot be used are quarantined, episodes outside the
+study's range or bands are not counted, values are clipped, an instrument without
+episodes contributes zeros; and if computing the exact blocks fails all the same, the
+noised empty contribution is released and the failure is recorded in the audit log
+(``compute_failed``), never shown to the coordinator.
 """
 
 from __future__ import annotations
@@ -18,17 +30,20 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocols.codes import MESSAGES, ErrorCode
 from protocols.errors import SpecError
+from protocols.instruments import Instrument
 from protocols.layout import block_layout, budget_weights
 from protocols.release import Envelope, NoisyBlock, SiteRelease, parse_envelope
 from protocols.study import Study, parse_study, study_from_canonical
 from site_agent import crypto
 from site_agent.config import SiteConfig, load_site_config
-from site_agent.data import read_intake
+from site_agent.data import check_export, read_intake
 from site_agent.errors import ConfigError, DataError
 from site_agent.outcomes import derive_episodes
 from site_agent.privacy.accounting import (
@@ -43,7 +58,7 @@ from site_agent.privacy.accounting import (
 )
 from site_agent.privacy.ledger import Ledger, LedgerError, LedgerRefusal, Reservation
 from site_agent.privacy.policy import Approval, PrivacyPolicy, load_policy, to_rho
-from site_agent.privacy.statistics import exact_blocks, select_episodes
+from site_agent.privacy.statistics import empty_blocks, exact_blocks, select_episodes
 
 __all__ = [
     "Action",
@@ -183,6 +198,9 @@ class ReleaseEngine:
             )
         if study.instrument.id not in pol.instruments:
             raise Refused(ErrorCode.NOT_ALLOWED, f"instrument {study.instrument.id}")
+        redefined = _redefines(study, self.site.instruments)
+        if redefined:
+            raise Refused(ErrorCode.NOT_ALLOWED, redefined)
         banned = [str(f) for f in study.families if f not in pol.families]
         if banned:
             raise Refused(ErrorCode.NOT_ALLOWED, f"families {', '.join(banned)}")
@@ -412,6 +430,12 @@ class ReleaseEngine:
             raise Refused(code, decision.detail)
         # Everything that could fail without the data is done before budget is reserved.
         key = led.signing_key()
+        # The export's structure is the same for neighbouring data sets: a file that
+        # cannot be used at all is refused here, before budget is reserved, at no cost.
+        try:
+            check_export(self.site.data)
+        except DataError as exc:
+            raise Refused(ErrorCode.INVALID_DATA, str(exc)) from None
         try:
             reservation = led.reserve(
                 request_id=plan.request_id,
@@ -423,14 +447,13 @@ class ReleaseEngine:
         except LedgerRefusal as r:
             raise Refused(r.code, r.detail) from None
         # Budget is reserved and durable (and anchored): from here on the data may be
-        # touched. Nothing leaves until complete() has committed.
+        # touched, and nothing that depends on them may change the kind of answer.
+        # Nothing leaves until complete() has committed.
         try:
-            body = self._compute(plan, key)
-        except Refused as r:
+            body = self._compute(plan, key, led)
+        except Refused as r:  # only a bug independent of the data gets here
             raise Refused(r.code, r.detail, reservation=reservation) from None
-        except DataError as exc:
-            raise Refused(ErrorCode.INVALID_DATA, str(exc), reservation=reservation) from None
-        except Exception as exc:  # the budget stays spent; nothing leaves
+        except Exception as exc:  # a bug: the budget stays reserved for a retry; nothing left
             raise Refused(
                 ErrorCode.INTERNAL_ERROR, exc.__class__.__name__, reservation=reservation
             ) from None
@@ -441,17 +464,27 @@ class ReleaseEngine:
         except LedgerRefusal as r:
             raise Refused(r.code, r.detail, reservation=reservation) from None
 
-    def _compute(self, plan: Plan, key: Ed25519PrivateKey) -> bytes:
-        study, pol, site = plan.study, self.policy, self.site
+    def _exact(self, plan: Plan) -> dict[str, npt.NDArray[np.int64]]:
+        """The study's exact blocks from the export (raises only on a bug, or on a file
+        that changed or vanished since :func:`check_export`)."""
+        study, site = plan.study, self.site
         intake = read_intake(site.data, site.instruments)
         instruments: Mapping[str, Any] = {**site.instruments, study.instrument.id: study.instrument}
         episodes = derive_episodes(intake.records, instruments, study.max_session)
         ep = episodes.get(study.instrument.id)
-        if ep is None:
-            raise Refused(ErrorCode.INVALID_DATA, f"no {study.instrument.id} episodes")
-        sel = select_episodes(ep, study, pol.max_episodes_per_client)
-        exact = exact_blocks(sel, study)
-        noisy = tuple(
+        if ep is None:  # no scores of the instrument: the empty contribution
+            return empty_blocks(study)
+        sel = select_episodes(ep, study, self.policy.max_episodes_per_client, dated=self._dated())
+        return exact_blocks(sel, study)
+
+    def _dated(self) -> bool:
+        # From the configuration, not the data: window_applied leaves the site un-noised.
+        return self.site.data.columns.date is not None
+
+    def _noised(
+        self, plan: Plan, exact: Mapping[str, npt.NDArray[np.int64]]
+    ) -> tuple[NoisyBlock, ...]:
+        return tuple(
             NoisyBlock(
                 name=b.spec.name,
                 family=str(b.spec.family),
@@ -466,8 +499,35 @@ class ReleaseEngine:
             )
             for b in plan.blocks
         )
-        window_applied = sel.window_applied
-        del exact, sel  # nothing exact outlives this function
+
+    def _compute(self, plan: Plan, key: Ed25519PrivateKey, led: Ledger) -> bytes:
+        """The signed release, after budget is reserved. Total: if the exact blocks
+        cannot be computed or noised, the noised empty contribution is released instead
+        and the failure recorded locally, so the answer's kind never depends on the data."""
+        study, pol, site = plan.study, self.policy, self.site
+        try:
+            exact = self._exact(plan)
+            noisy = self._noised(plan, exact)
+        except Exception as exc:
+            led.audit(
+                "compute_failed",
+                {
+                    "request_id": plan.request_id,
+                    "study_id": study.id,
+                    "study_hash": study.hash,
+                    "error": exc.__class__.__name__,
+                    "released": "the noised empty contribution",
+                    "fix": "run `outcomebench-site check` on the export; if it passes, "
+                    "report this as a bug",
+                },
+            )
+            exact = empty_blocks(study)
+            try:
+                noisy = self._noised(plan, exact)
+            except Exception as again:  # independent of the data: a bug
+                raise Refused(ErrorCode.INTERNAL_ERROR, again.__class__.__name__) from None
+        window_applied = self._dated()
+        del exact  # nothing exact outlives this function
         release = SiteRelease(
             study_id=study.id,
             study_hash=study.hash,
@@ -484,6 +544,35 @@ class ReleaseEngine:
             versions=_versions(),
         )
         return crypto.sign(key, "release", release.canonical_bytes()).dumps().encode()
+
+
+def _redefines(study: Study, site_instruments: Mapping[str, Instrument]) -> str:
+    """Why the study's inline instrument may not be used here ("" if it may).
+
+    An inline definition of an instrument the site defines (registry or site.yaml) must
+    equal the site's, field for field of what the study can define: the site's data were
+    validated against the site's definition, and a study must not re-scale them (a
+    narrower range would leave some clients' episodes out, a different cut-off or reliable
+    change would recount them). The refusal is not_allowed rather than malformed_study:
+    the study is well formed and other sites may answer it; it is this site's
+    configuration, which nothing a coordinator sends can override, that forbids it.
+    """
+    ins = study.instrument
+    own = site_instruments.get(ins.id)
+    if not study.instrument_inline or own is None:
+        return ""
+    theirs = (ins.lo, ins.hi, str(ins.better), ins.cutoff, ins.reliable_change)
+    ours = (own.lo, own.hi, str(own.better), own.cutoff, own.reliable_change)
+    if theirs == ours:
+        return ""
+    names = ("range lo", "range hi", "better", "cutoff", "reliable_change")
+    diff = ", ".join(
+        f"{n} {t} (site: {o})" for n, t, o in zip(names, theirs, ours, strict=True) if t != o
+    )
+    return (
+        f"instrument {ins.id}: the study's inline definition differs from this site's "
+        f"({diff}); the study must use the site's definition or another instrument id"
+    )
 
 
 def load_engine(config: Path) -> ReleaseEngine:

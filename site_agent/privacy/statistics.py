@@ -5,6 +5,13 @@ Contribution bounding is by construction: each client keeps at most
 episode adds to exactly one band, and every per-episode value is clipped to the block's
 declared bounds. Property tests check that adding or removing one client changes each
 block by at most its declared L2 sensitivity.
+
+Total on any data: whatever the episodes hold, these functions return blocks and never
+raise (a refusal or an error that depended on one client would leak it without noise). An
+episode whose intake or final score lies outside the study instrument's range, or whose
+intake lies in no band of the study, is not counted; every other value is clipped. No
+episodes at all give the zero vectors (:func:`empty_blocks`), which the engine noises
+like any other.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from protocols.layout import BlockSpec, block_layout
 from protocols.study import Study
 from site_agent.outcomes import MISSING, Episodes, Reliable
 
-__all__ = ["Selection", "exact_blocks", "select_episodes"]
+__all__ = ["Selection", "empty_blocks", "exact_blocks", "select_episodes"]
 
 _EPOCH = dt.date(1970, 1, 1)
 
@@ -38,11 +45,23 @@ class Selection:
     counts: Mapping[str, int]  # what was left out and why (local only)
 
 
-def select_episodes(ep: Episodes, study: Study, max_episodes: int) -> Selection:
+def select_episodes(
+    ep: Episodes, study: Study, max_episodes: int, *, dated: bool | None = None
+) -> Selection:
+    """The episodes ``study`` counts: in its window (when the export has dates), with
+    enough scores, intake and final in the instrument's range and the intake in a band,
+    the latest ``max_episodes`` per client.
+
+    ``dated`` says whether the export has dates (the site's configuration: the release
+    engine passes it, so that ``window_applied``, which leaves the site, does not depend
+    on the data). None infers it from the episodes (local tools and tests).
+    """
     t = ep.table
     keep = np.ones(len(t), dtype=bool)
     counts: dict[str, int] = {"derived": len(t)}
-    window_applied = bool(len(t)) and bool((t["last_date"] != np.iinfo(np.int32).min).all())
+    if dated is None:
+        dated = bool(len(t)) and bool((t["last_date"] != np.iinfo(np.int32).min).all())
+    window_applied = dated
     if window_applied:
         start = (study.window[0] - _EPOCH).days
         end = (study.window[1] - _EPOCH).days
@@ -52,6 +71,18 @@ def select_episodes(ep: Episodes, study: Study, max_episodes: int) -> Selection:
     enough = (t["n_scores"] >= study.min_scores).to_numpy()
     counts["fewer scores than the study needs"] = int((keep & ~enough).sum())
     keep &= enough
+    # Possible only when the study's instrument is narrower than the one the data were
+    # checked against: such episodes are left out, never an error.
+    ins = study.instrument
+    intake, final = t["intake"].to_numpy(np.int64), t["final"].to_numpy(np.int64)
+    inside = (
+        (intake >= max(ins.lo, study.bands[0][0]))
+        & (intake <= min(ins.hi, study.bands[-1][1]))
+        & (final >= ins.lo)
+        & (final <= ins.hi)
+    )
+    counts["outside the study's range or bands"] = int((keep & ~inside).sum())
+    keep &= inside
     idx = np.flatnonzero(keep)
     # The latest m episodes per client, by last date then episode order.
     clients = t["client"].to_numpy()[idx]
@@ -88,11 +119,27 @@ def _band_sums(
     )
 
 
+def empty_blocks(study: Study) -> dict[str, npt.NDArray[np.int64]]:
+    """Every block of the study's layout for no episodes: zero vectors."""
+    return {spec.name: np.zeros(spec.size, dtype=np.int64) for spec in block_layout(study)}
+
+
 def exact_blocks(sel: Selection, study: Study) -> dict[str, npt.NDArray[np.int64]]:
     """Every block of the study's layout as an exact integer vector (band-major)."""
     layout = block_layout(study)
-    t = sel.table
     nb = len(study.bands)
+    if sel.band.size and (int(sel.band.min()) < 0 or int(sel.band.max()) >= nb):
+        # select_episodes never keeps such episodes; a Selection made otherwise still
+        # gets blocks, not an IndexError.
+        ok = (sel.band >= 0) & (sel.band < nb)
+        sel = Selection(
+            table=sel.table[ok].reset_index(drop=True),
+            trajectory=sel.trajectory[ok],
+            band=sel.band[ok],
+            window_applied=sel.window_applied,
+            counts=sel.counts,
+        )
+    t = sel.table
     # Episodes are sorted by band (select_episodes), so each band is one slice.
     bounds = np.searchsorted(sel.band, np.arange(nb + 1)).astype(np.int64)
     intake = t["intake"].to_numpy(np.int64)

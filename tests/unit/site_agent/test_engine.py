@@ -22,14 +22,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocols.codes import MESSAGES, ErrorCode
+from protocols.instruments import parse_instrument
 from protocols.release import SiteRelease, parse_envelope
+from protocols.study import parse_study
 from site_agent import crypto
-from site_agent.data import read_intake
+from site_agent.data import Records, read_intake
 from site_agent.outcomes import derive_episodes
 from site_agent.privacy import Approval, Refused, ReleaseEngine, StudyRequest, load_study_request
+from site_agent.privacy import engine as engine_mod
 from site_agent.privacy.statistics import exact_blocks, select_episodes
 
 from .privacy_helpers import POLICY, STUDY, engine, make_site, request
+
+ALL_FAMILIES = ["counts", "change", "categories", "trajectory", "histogram"]
 
 
 def _refusal(eng: object, req: StudyRequest) -> ErrorCode:
@@ -166,15 +171,136 @@ def test_large_budget_release_matches_exact_statistics(tmp_path: Path) -> None:
     assert exact["episodes"].sum() > 20
 
 
-def test_data_failure_after_reservation_keeps_the_charge(tmp_path: Path) -> None:
+def test_unusable_export_is_refused_before_reservation_at_no_cost(tmp_path: Path) -> None:
+    # A missing file is the export's structure, the same for neighbouring data sets: it
+    # is refused before budget is reserved, and costs nothing.
     config = make_site(tmp_path)
     eng = engine(config)
     (config.parent / "outcomes.csv").unlink()
     assert _refusal(eng, request()) is ErrorCode.INVALID_DATA
     with eng.ledger() as led:
-        assert led.status().spent > 0  # never refunded
+        assert led.status().spent == 0
         assert led.cached("phq9-2026") is None
+        assert [e["kind"] for e in led.audit_entries()] == ["genesis", "refused"]
         assert led.verify_audit() == []
+
+
+def test_compute_failure_after_reservation_releases_the_empty_contribution(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Should computing the exact blocks fail despite everything (here: the file vanishes
+    # between the structure check and the read), the coordinator still gets a release:
+    # the noised zero vectors, charged once; the privacy officer sees why in the audit.
+    config = make_site(tmp_path)
+    eng = engine(config)
+
+    def vanishing(*args: object, **kwargs: object) -> object:
+        (config.parent / "outcomes.csv").unlink()
+        return read_intake(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_mod, "read_intake", vanishing)
+    req = request(privacy={"rho": 0.1})
+    rel = SiteRelease.from_json(json.loads(parse_envelope(eng.release(req), "release").payload))
+    with eng.ledger() as led:
+        assert led.status().spent == rel.rho > 0
+        entries = led.audit_entries()
+        kinds = [e["kind"] for e in entries]
+        assert kinds == ["genesis", "reserved", "compute_failed", "released"]
+        assert entries[2]["body"]["error"] == "DataError"
+        assert led.verify_audit() == []
+    assert rel.window_applied  # from the configuration (it has dates), not from the data
+    counts = next(b for b in rel.blocks if b.name == "episodes")
+    assert abs(sum(counts.values)) <= 6 * counts.scale * len(counts.values) ** 0.5
+
+
+_BDI_X = {"range": [0, 27], "better": "lower", "reliable_change": 5, "cutoff": 10}
+
+
+def _bdi_site(tmp: Path, rows: list[tuple[str, int, int]]) -> Path:
+    """A site whose export holds the custom instrument BDI-X (client, session, score)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "outcomes.csv").write_text(
+        "client,session,date,score\n"
+        + "".join(f"{c},{k},2026-01-{k:02d},{x}\n" for c, k, x in rows)
+    )
+    (tmp / "site.yaml").write_text(yaml.safe_dump({
+        "site": {"id": "clinic-bdi"},
+        "data": {"path": "outcomes.csv", "instrument": "BDI-X",
+                 "columns": {"client_id": "client", "session": "session", "date": "date",
+                             "score": "score"}},
+        "instruments": {"BDI-X": _BDI_X},
+        "privacy_policy": "privacy.yaml",
+    }))
+    policy = POLICY | {"allow": {"instruments": ["BDI-X", "PHQ-9", "GAD-7"],
+                                 "families": POLICY["allow"]["families"]}}
+    (tmp / "privacy.yaml").write_text(yaml.safe_dump(policy))
+    return tmp / "site.yaml"
+
+
+def _bdi_study(definition: dict[str, object], bands: list[list[int]]) -> StudyRequest:
+    return request(id="bdi", instrument={"id": "BDI-X", "definition": definition},
+                   bands=bands, families=["counts", "histogram"])
+
+
+_BDI_ROWS = [(f"c{i}", k, 12 + i % 6 - 2 * k) for i in range(12) for k in (1, 2, 3)]
+
+
+def test_h2_inline_redefinition_of_a_site_instrument_is_refused_at_no_cost(
+    tmp_path: Path,
+) -> None:
+    narrower = _bdi_study(_BDI_X | {"range": [5, 27]}, [[5, 27]])
+    for name, rows in [("d", _BDI_ROWS), ("d1", [*_BDI_ROWS, ("x", 1, 4), ("x", 2, 3)])]:
+        eng = engine(_bdi_site(tmp_path / name, rows))
+        assert eng.preview(narrower)["code"] == "not_allowed"
+        with pytest.raises(Refused) as err:
+            eng.release(narrower)
+        assert err.value.code is ErrorCode.NOT_ALLOWED
+        assert "range lo 5 (site: 0)" in err.value.detail
+        with eng.ledger() as led:
+            assert led.status().spent == 0
+    # The site's own definition, written inline, is the same instrument: released.
+    eng = engine(_bdi_site(tmp_path / "same", _BDI_ROWS))
+    assert eng.release(_bdi_study(dict(_BDI_X), [[0, 9], [10, 27]]))
+
+
+def test_h2_out_of_range_episodes_are_not_counted_never_an_error() -> None:
+    # Defence in depth: had a narrower instrument reached the computation, an intake
+    # below its range (band -1) made np.bincount raise in the histogram.
+    narrow = parse_instrument("BDI-X", _BDI_X | {"range": [5, 27]})
+    study = parse_study(STUDY | {"id": "bdi", "bands": [[5, 27]], "families": ALL_FAMILIES,
+                                 "instrument": {"id": "BDI-X",
+                                                "definition": _BDI_X | {"range": [5, 27]}}})
+    rows = sorted([*_BDI_ROWS, ("x", 1, 4), ("x", 2, 3), ("y", 1, 27), ("y", 2, 2)])
+    clients = sorted({c for c, _, _ in rows})
+    client = np.array([clients.index(c) for c, _, _ in rows], np.int32)
+    records = Records(
+        instrument_ids=("BDI-X",), client_ids=tuple(clients),
+        instrument=np.zeros(len(rows), np.int16), client=client,
+        episode=client.astype(np.int64),  # one episode per client
+        session=np.array([k for _, k, _ in rows], np.int32),
+        score=np.array([x for _, _, x in rows], np.int32),
+        date=np.array([20454 + k for _, k, _ in rows], np.int32),
+        line=np.arange(len(rows), dtype=np.int64))
+    ep = derive_episodes(records, {"BDI-X": narrow}, study.max_session)["BDI-X"]
+    sel = select_episodes(ep, study, 1, dated=True)
+    assert sel.counts["outside the study's range or bands"] == 2  # x (intake 4), y (final 2)
+    blocks = exact_blocks(sel, study)
+    assert int(blocks["episodes"].sum()) == 12 == int(blocks["change_hist"].sum())
+
+
+def test_m1_an_instrument_without_scores_releases_the_empty_contribution(
+    tmp_path: Path,
+) -> None:
+    # GAD-7 is allowed and the site has no GAD-7 scores: a release (noised zeros), as with
+    # one client's single GAD-7 score (an episode too short to count).
+    gad = request(id="gad", instrument="GAD-7", bands=[[0, 9], [10, 21]],
+                  privacy={"rho": 0.1})
+    eng = engine(make_site(tmp_path / "d"))
+    rel = SiteRelease.from_json(json.loads(parse_envelope(eng.release(gad), "release").payload))
+    assert rel.window_applied and rel.rho > 0
+    with eng.ledger() as led:
+        assert [e["kind"] for e in led.audit_entries()] == ["genesis", "reserved", "released"]
+    assert eng.release(gad)  # cached
 
 
 def test_study_request_cannot_override_policy(tmp_path: Path) -> None:
@@ -215,7 +341,7 @@ def test_preview_and_release_decide_alike_in_every_combination(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = engine(make_site(tmp_path / "site"))
-    monkeypatch.setattr(ReleaseEngine, "_compute", lambda self, plan, key: _FAST_BODY)
+    monkeypatch.setattr(ReleaseEngine, "_compute", lambda self, plan, key, led: _FAST_BODY)
     network = Ed25519PrivateKey.generate()
     _write_pub(tmp_path / "network.pem", network)
     plain = request()
@@ -303,11 +429,11 @@ def test_a_retry_after_a_failure_past_the_reservation_is_charged_once(
     eng = engine(make_site(tmp_path))
     real, calls = ReleaseEngine._compute, []
 
-    def fails_once(self: ReleaseEngine, plan: Any, key: Any) -> bytes:
+    def fails_once(self: ReleaseEngine, plan: Any, key: Any, led: Any) -> bytes:
         calls.append(1)
         if len(calls) == 1:
-            raise RuntimeError("disk hiccup while reading the export")
-        return real(self, plan, key)
+            raise RuntimeError("a bug past the reservation")
+        return real(self, plan, key, led)
 
     monkeypatch.setattr(ReleaseEngine, "_compute", fails_once)
     req = request()
@@ -339,11 +465,15 @@ def test_invalid_data_retried_is_charged_once(tmp_path: Path) -> None:
     assert _refusal(eng, request()) is ErrorCode.INVALID_DATA
     with eng.ledger() as led:
         cost = led.status().spent
+    # The export's structure is refused before the reservation: retries cost nothing.
+    assert cost == 0
     data.write_bytes(saved)
     eng.release(request())
+    eng.release(request())  # the cached release, at no cost
     with eng.ledger() as led:
-        assert led.status().spent == cost
-        assert len(led.history()) == 3 and sum(h.cost for h in led.history()) == cost
+        spent = led.status().spent
+        assert 0 < spent <= Fraction(1, 20)  # charged once: one study's rho
+        assert sum(h.cost for h in led.history()) == spent
 
 
 _KILLED_IN_COMPUTE = """
@@ -355,7 +485,7 @@ from protocols.study import parse_study
 from site_agent.privacy import StudyRequest
 import yaml
 config, marker = sys.argv[1:3]
-def stuck(self, plan, key):
+def stuck(self, plan, key, led):
     Path(marker).touch()
     time.sleep(600)
 ReleaseEngine._compute = stuck
