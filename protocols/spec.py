@@ -39,10 +39,12 @@ _REPR.maxlong = 40
 _REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 6
 
 
-def short(value: Any) -> str:
-    """``repr(value)``, truncated: a problem message never quotes more than a few dozen
-    characters of what it was given, however large or deeply nested."""
-    return _REPR.repr(value)
+def short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, truncated to ``limit`` characters: a problem message never quotes
+    more of what it was given, however large or deeply nested (reprlib looks at only the
+    first few items of the first few levels)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -98,13 +98,16 @@ def _reference(rho: float) -> Any:
 def zcdp_to_epsilon(rho: Fraction, delta: Fraction) -> float:
     """OpenDP's conversion of rho-zCDP to epsilon at ``delta`` (tighter than the textbook).
 
-    For a very large rho (about 1,000 and more) OpenDP's conversion overflows; the
+    For a very large rho (above 1e4; OpenDP's conversion overflows from about 1e5) the
     textbook bound rho + 2 sqrt(rho ln(1/delta)) (Bun & Steinke 2016, Prop. 1.3), an
     upper bound on the same epsilon, is returned instead, so a display or a conversion
     never understates the loss and never fails.
     """
     if rho <= 0:
         return 0.0
+    r = float(rho)
+    if r > _OPENDP_MAX_RHO:  # OpenDP overflows about here; its error costs 80 ms to build
+        return _textbook_epsilon(r, delta)
     try:
         m: Any = dp.c.make_fix_delta(
             dp.c.make_zCDP_to_approxDP(_reference(float(rho))), float(delta)
@@ -114,8 +117,14 @@ def zcdp_to_epsilon(rho: Fraction, delta: Fraction) -> float:
     except dp.OpenDPException as exc:
         if exc.variant != "Overflow":
             raise
-        r = float(rho)
-        return r + 2 * math.sqrt(r * math.log(1 / float(delta)))
+        return _textbook_epsilon(r, delta)
+
+
+_OPENDP_MAX_RHO = 1e4
+
+
+def _textbook_epsilon(rho: float, delta: Fraction) -> float:
+    return rho + 2 * math.sqrt(rho * math.log(1 / float(delta)))
 
 
 def rho_for_epsilon(epsilon: Fraction, delta: Fraction) -> Fraction:
