@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from types import MappingProxyType
 
+from protocols.errors import SpecError
+from protocols.limits import MAX_RELEASE_VALUES
 from protocols.study import Family, Study
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "BlockSpec",
     "block_layout",
     "budget_weights",
+    "release_values",
 ]
 
 COUNT_BLOCK = "episodes"  # the denominator of every band-level estimate
@@ -79,10 +82,38 @@ class BlockSpec:
         return math.nextafter(max_episodes * math.sqrt(self.sensitivity_sq), math.inf)
 
 
+def release_values(
+    families: tuple[Family, ...] | frozenset[Family],
+    n_bands: int,
+    width: int,
+    max_session: int,
+) -> int:
+    """How many values :func:`block_layout` releases, by arithmetic alone (nothing is
+    allocated), so a study too large for one release message is refused first. ``width``
+    is the instrument's hi - lo. A test pins it to the layout's sizes."""
+    per_band = 0
+    if Family.COUNTS in families:
+        per_band += 1
+    if Family.CHANGE in families:
+        per_band += 6
+    if Family.CATEGORIES in families:
+        per_band += len(CATEGORY_NAMES)
+    if Family.TRAJECTORY in families:
+        per_band += 3 * max_session
+    if Family.HISTOGRAM in families:
+        per_band += 2 * width + 1
+    return n_bands * per_band
+
+
 def block_layout(study: Study) -> tuple[BlockSpec, ...]:
-    """The blocks of ``study`` in canonical order."""
+    """The blocks of ``study`` in canonical order; SpecError, before anything is
+    allocated, if they hold more than ``MAX_RELEASE_VALUES`` values (a parsed study never
+    does)."""
     ins = study.instrument
     nb = len(study.bands)
+    n = release_values(study.families, nb, ins.width, study.max_session)
+    if n > MAX_RELEASE_VALUES:
+        raise SpecError("study", [f"study: {n} values exceed {MAX_RELEASE_VALUES} per release"])
     level = max(abs(ins.lo), abs(ins.hi))  # bound on |score|
     w = ins.hi - ins.lo  # bound on |change|
     k = study.max_session

@@ -22,24 +22,54 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 from protocols.errors import SpecError
 from protocols.instruments import Instrument, builtin_instruments, parse_instrument
-from protocols.spec import did_you_mean, unknown_keys
+from protocols.limits import MAX_DEPTH, MAX_RELEASE_VALUES, MAX_STUDY_WIRE_BYTES
+from protocols.release import Envelope, parse_envelope
+from protocols.spec import did_you_mean, nested_deeper_than, read_yaml, short, unknown_keys
 
 __all__ = [
+    "MAX_BANDS",
+    "MAX_EXPONENT",
+    "MAX_ID_CHARS",
+    "MAX_MIN_SCORES",
+    "MAX_MIN_SITES",
+    "MAX_NUMBER_CHARS",
+    "MAX_SCORE",
+    "MAX_SESSION",
+    "MAX_TITLE_CHARS",
     "SCHEMA_VERSION",
+    "SIGNED_STUDY_FORMAT",
     "Family",
     "PrivacyRequest",
     "Study",
     "parse_families",
     "parse_loss",
     "parse_study",
+    "read_study_file",
     "study_from_canonical",
 ]
 
 SCHEMA_VERSION = 1
+SIGNED_STUDY_FORMAT = "outcomebench.signed-study"
+
+# Bounds of a study's fields, so that what a study costs to read, plan, store (manual
+# approval keeps pending studies) and log stays small whatever a coordinator sends.
+MAX_ID_CHARS = 80  # the study id and an inline instrument's id
+MAX_TITLE_CHARS = 300
+MAX_BANDS = 50
+MAX_SESSION = 100  # K, the last session of a trajectory
+MAX_MIN_SCORES = 1000
+MAX_MIN_SITES = 10_000
+MAX_SCORE = 10_000  # an inline instrument's range lies within [-MAX_SCORE, MAX_SCORE]
+# A privacy loss is a decimal of at most MAX_NUMBER_CHARS characters between
+# 10**-MAX_EXPONENT and 10**MAX_EXPONENT: an exact Fraction of "1e-1000000" alone would
+# cost a minute of CPU, and no meaningful loss lies outside that range.
+MAX_NUMBER_CHARS = 40
+MAX_EXPONENT = 30
 
 
 class Family(StrEnum):
@@ -157,15 +187,37 @@ def _num(x: float) -> float | int:
 
 
 def _fraction(value: Any, where: str, problems: list[str]) -> Fraction | None:
+    """An exact, bounded decimal (see MAX_NUMBER_CHARS); its size is checked on the text
+    before any arithmetic."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        problems.append(f"{where}: expected a number, got {value!r}")
+        problems.append(f"{where}: expected a number, got {short(value)}")
+        return None
+    if isinstance(value, int) and value.bit_length() > 4 * MAX_NUMBER_CHARS:
+        text = ""  # too long; str() of a huge int is itself costly
+    else:
+        text = str(value).strip()
+    if not text or len(text) > MAX_NUMBER_CHARS:
+        problems.append(
+            f"{where}: expected a decimal number of at most {MAX_NUMBER_CHARS} characters, "
+            f"got {short(value)}"
+        )
         return None
     try:
         # Via the decimal text, so 0.1 means exactly 1/10, not the nearest binary float.
-        return Fraction(Decimal(str(value)))
+        number = Decimal(text)
     except (InvalidOperation, ValueError):
-        problems.append(f"{where}: expected a number, got {value!r}")
+        problems.append(f"{where}: expected a number, got {short(value)}")
         return None
+    if not number.is_finite():
+        problems.append(f"{where}: expected a finite number, got {short(value)}")
+        return None
+    if number and not -MAX_EXPONENT <= number.adjusted() <= MAX_EXPONENT:
+        problems.append(
+            f"{where}: {short(value)} is out of range; a privacy loss lies between "
+            f"1e-{MAX_EXPONENT} and 1e{MAX_EXPONENT}"
+        )
+        return None
+    return Fraction(number)
 
 
 def parse_loss(spec: Any, where: str, problems: list[str]) -> PrivacyRequest | None:
@@ -180,7 +232,7 @@ def parse_loss(spec: Any, where: str, problems: list[str]) -> PrivacyRequest | N
     elif "rho" in spec:
         rho = _fraction(spec["rho"], f"{where}.rho", problems)
         if rho is not None and rho <= 0:
-            problems.append(f"{where}.rho: must be > 0, got {spec['rho']!r}")
+            problems.append(f"{where}.rho: must be > 0, got {short(spec['rho'])}")
         if len(problems) == n and rho is not None:
             return PrivacyRequest(rho=rho)
     elif "epsilon" in spec:
@@ -218,12 +270,16 @@ def parse_families(
     if not isinstance(raw, list) or (not raw and not empty):
         problems.append(f"{where}: expected a list from {', '.join(Family)}")
         return []
+    if len(raw) > len(Family):
+        problems.append(f"{where}: at most {len(Family)} families, from {', '.join(Family)}")
+        return []
     families: list[Family] = []
     for f in raw:
         try:
             families.append(Family(f))
         except ValueError:
-            problems.append(f"{where}: unknown family {f!r}{did_you_mean(str(f), list(Family))}")
+            hint = did_you_mean(f, Family) if isinstance(f, str) else ""
+            problems.append(f"{where}: unknown family {short(f)}{hint}")
     return families
 
 
@@ -236,11 +292,17 @@ def parse_study(doc: Any, where: str = "study") -> Study:
     problems = unknown_keys(doc, _STUDY_KEYS, where)
 
     sid = doc.get("id")
-    if not isinstance(sid, str) or not sid or len(sid) > 80 or not sid.isprintable():
-        problems.append(f"{where}.id: expected a short printable text id, got {sid!r}")
+    if not _short_text(sid, MAX_ID_CHARS) or not sid:
+        problems.append(
+            f"{where}.id: expected a printable text id of at most {MAX_ID_CHARS} characters, "
+            f"got {short(sid)}"
+        )
     title = doc.get("title", "")
-    if not isinstance(title, str):
-        problems.append(f"{where}.title: expected text")
+    if not _short_text(title, MAX_TITLE_CHARS):
+        problems.append(
+            f"{where}.title: expected printable text (one line) of at most {MAX_TITLE_CHARS} "
+            f"characters, got {short(title)}"
+        )
 
     instrument, inline = _parse_study_instrument(doc.get("instrument"), where, problems)
 
@@ -253,9 +315,9 @@ def parse_study(doc: Any, where: str = "study") -> Study:
     else:
         problems += unknown_keys(inclusion, ("min_scores",), f"{where}.inclusion")
         min_scores = inclusion.get("min_scores", 2)
-        if isinstance(min_scores, bool) or not isinstance(min_scores, int) or min_scores < 2:
+        if not _whole(min_scores, 2, MAX_MIN_SCORES):
             problems.append(
-                f"{where}.inclusion.min_scores: must be a whole number >= 2 "
+                f"{where}.inclusion.min_scores: must be a whole number 2..{MAX_MIN_SCORES} "
                 "(an episode needs an intake and a final score)"
             )
             min_scores = 2
@@ -268,15 +330,22 @@ def parse_study(doc: Any, where: str = "study") -> Study:
     ordered = tuple(f for f in Family if f in families)
 
     k = doc.get("max_session", 20)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 100:
-        problems.append(f"{where}.max_session: expected a whole number 1..100, got {k!r}")
+    if not _whole(k, 1, MAX_SESSION):
+        problems.append(
+            f"{where}.max_session: expected a whole number 1..{MAX_SESSION}, got {short(k)}"
+        )
         k = 20
+
+    if instrument is not None and bands and ordered:
+        _check_release_size(ordered, len(bands), instrument.width, int(k), where, problems)
 
     privacy = parse_loss(doc.get("privacy"), f"{where}.privacy", problems)
 
     min_sites = doc.get("min_sites", 3)
-    if isinstance(min_sites, bool) or not isinstance(min_sites, int) or min_sites < 1:
-        problems.append(f"{where}.min_sites: expected a whole number >= 1, got {min_sites!r}")
+    if not _whole(min_sites, 1, MAX_MIN_SITES):
+        problems.append(
+            f"{where}.min_sites: expected a whole number 1..{MAX_MIN_SITES}, got {short(min_sites)}"
+        )
 
     if problems or instrument is None or window is None or privacy is None:
         raise SpecError(where, problems or [f"{where}: invalid"])
@@ -295,6 +364,37 @@ def parse_study(doc: Any, where: str = "study") -> Study:
     )
 
 
+def _short_text(value: Any, limit: int) -> bool:
+    return isinstance(value, str) and len(value) <= limit and value.isprintable()
+
+
+def _whole(value: Any, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def _check_release_size(
+    families: tuple[Family, ...],
+    n_bands: int,
+    width: int,
+    max_session: int,
+    where: str,
+    problems: list[str],
+) -> None:
+    """A release that could never fit into one message is refused before anything is
+    computed or charged (the count is arithmetic: nothing is allocated)."""
+    # The layout imports this module; the count is the layout's, so it is asked here.
+    from protocols.layout import release_values  # noqa: PLC0415
+
+    n = release_values(families, n_bands, width, max_session)
+    if n > MAX_RELEASE_VALUES:
+        problems.append(
+            f"{where}: asks each site for {n} values ({n_bands} bands, range width {width}, "
+            f"max_session {max_session}); at most {MAX_RELEASE_VALUES} fit into one release "
+            "message: use fewer bands, a narrower range or a smaller max_session, or leave "
+            "out the histogram family"
+        )
+
+
 def _parse_study_instrument(
     raw: Any, where: str, problems: list[str]
 ) -> tuple[Instrument | None, bool]:
@@ -303,7 +403,7 @@ def _parse_study_instrument(
         if raw in registry:
             return registry[raw], False
         problems.append(
-            f"{where}.instrument: unknown instrument {raw!r}"
+            f"{where}.instrument: unknown instrument {short(raw)}"
             f"{did_you_mean(raw, registry)}; use a registry id or an inline "
             "definition {id: X, definition: {range: ..., better: ..., ...}}"
         )
@@ -313,17 +413,30 @@ def _parse_study_instrument(
         if not isinstance(ins_id, str) or not ins_id:
             problems.append(f"{where}.instrument.id: required with an inline definition")
             return None, True
+        if not _short_text(ins_id, MAX_ID_CHARS):
+            problems.append(
+                f"{where}.instrument.id: expected a printable id of at most {MAX_ID_CHARS} "
+                f"characters, got {short(ins_id)}"
+            )
+            return None, True
         if ins_id in registry:
             problems.append(
-                f"{where}.instrument.id: {ins_id!r} is a registry instrument; "
+                f"{where}.instrument.id: {short(ins_id)} is a registry instrument; "
                 "give the inline definition another id"
             )
             return None, True
         try:
-            return parse_instrument(ins_id, raw["definition"], f"{where}.instrument"), True
+            ins = parse_instrument(ins_id, raw["definition"], f"{where}.instrument")
         except SpecError as exc:
             problems.extend(exc.problems)
             return None, True
+        if not -MAX_SCORE <= ins.lo < ins.hi <= MAX_SCORE:
+            problems.append(
+                f"{where}.instrument.definition.range: [{short(ins.lo)}, {short(ins.hi)}] "
+                f"must lie within [-{MAX_SCORE}, {MAX_SCORE}]"
+            )
+            return None, True
+        return ins, True
     problems.append(
         f"{where}.instrument: expected a registry id such as PHQ-9, or "
         "{id: X, definition: {...}}"
@@ -344,7 +457,9 @@ def _parse_window(raw: Any, where: str, problems: list[str]) -> tuple[dt.date, d
             with contextlib.suppress(ValueError):
                 v = dt.date.fromisoformat(v)
         if not isinstance(v, dt.date):
-            problems.append(f"{where}.window.{key}: expected a date YYYY-MM-DD, got {raw[key]!r}")
+            problems.append(
+                f"{where}.window.{key}: expected a date YYYY-MM-DD, got {short(raw[key])}"
+            )
             return None
         out.append(v)
     if out[0] > out[1]:
@@ -360,6 +475,9 @@ def _parse_bands(
         return tuple((b.lo, b.hi) for b in ins.bands)
     if not isinstance(raw, list) or not raw:
         problems.append(f"{where}.bands: expected a list of [lo, hi] intake bands")
+        return ()
+    if len(raw) > MAX_BANDS:
+        problems.append(f"{where}.bands: at most {MAX_BANDS} bands, got {len(raw)}")
         return ()
     bands: list[tuple[int, int]] = []
     for i, b in enumerate(raw):
@@ -380,18 +498,23 @@ def _parse_bands(
             )
     if ins is not None and (bands[0][0] != ins.lo or bands[-1][1] != ins.hi):
         problems.append(f"{where}.bands: must cover the whole {ins.id} range {ins.lo}-{ins.hi}")
-    if len(bands) > 50:
-        problems.append(f"{where}.bands: at most 50 bands")
     return tuple(bands)
 
 
 def study_from_canonical(data: bytes) -> Study:
     """Rebuild a study from its canonical bytes (as sent over the wire) and check the
     round trip, so a site answers exactly the study whose hash it reports."""
+    if len(data) > MAX_STUDY_WIRE_BYTES:
+        raise SpecError(
+            "study", [f"study: larger than {MAX_STUDY_WIRE_BYTES} bytes; not a canonical study"]
+        )
     try:
         doc = json.loads(data.decode("ascii"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # ValueError: also an integer of more digits than Python converts
         raise SpecError("study", ["study: not canonical study JSON"]) from None
+    if nested_deeper_than(doc, MAX_DEPTH):
+        raise SpecError("study", [f"study: nested more than {MAX_DEPTH} levels deep"])
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA_VERSION:
         raise SpecError("study", [f"study: unsupported schema (expected {SCHEMA_VERSION})"])
     draft = dict(doc)
@@ -403,3 +526,18 @@ def study_from_canonical(data: bytes) -> Study:
     if study.canonical_bytes() != data:
         raise SpecError("study", ["study: bytes are not in canonical form"])
     return study
+
+
+def read_study_file(path: Path) -> tuple[Study, Envelope | None]:
+    """A study file: the YAML draft, or a signed study (JSON, with its envelope), read
+    within the document bounds of :func:`protocols.spec.read_yaml`; SpecError lists
+    every problem. The one reader of study files, for sites and the coordinator."""
+    where = str(path)
+    text, doc = read_yaml(path, missing="pass --study PATH/TO/study.yaml")  # JSON is YAML
+    try:
+        if isinstance(doc, Mapping) and doc.get("format") == SIGNED_STUDY_FORMAT:
+            envelope = parse_envelope(text, "study")
+            return study_from_canonical(envelope.payload), envelope
+        return parse_study(doc), None
+    except SpecError as exc:  # each problem names the field; the file is named once more
+        raise SpecError(where, [f"{where}: {p}" for p in exc.problems]) from None

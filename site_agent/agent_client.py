@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2
 from protocols import site_agent_pb2 as pb
 from protocols import site_agent_pb2_grpc as pb_grpc
 from protocols.codes import MESSAGES, ErrorCode
+from protocols.limits import MAX_ENVELOPE_BYTES, MAX_MESSAGE_BYTES, MAX_STUDY_WIRE_BYTES
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -34,7 +35,6 @@ __all__ = [
 ]
 
 SERVICE_NAME = "outcomebench.site.v1.SiteAgent"
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -70,6 +70,13 @@ def _refusal(err: pb.Error) -> Refusal:
 
 
 _NO_ANSWER = Refusal(str(ErrorCode.INTERNAL_ERROR), MESSAGES[ErrorCode.INTERNAL_ERROR])
+_MALFORMED = Refusal(str(ErrorCode.MALFORMED_STUDY), MESSAGES[ErrorCode.MALFORMED_STUDY])
+
+
+def _oversized(study: bytes, envelope: bytes | None) -> bool:
+    """Larger than any valid study: the agent would refuse it (and its gRPC receive limit,
+    MAX_REQUEST_BYTES, would cut it off first), so it is refused here as malformed."""
+    return len(study) > MAX_STUDY_WIRE_BYTES or len(envelope or b"") > MAX_ENVELOPE_BYTES
 
 
 class AgentClient:
@@ -138,6 +145,8 @@ class AgentClient:
 
     def preview(self, study: bytes, envelope: bytes | None = None) -> bytes | Refusal:
         """The preview document (JSON bytes) of a study, or a refusal. Spends nothing."""
+        if _oversized(study, envelope):
+            return _MALFORMED
 
         def run(channel: grpc.Channel) -> bytes | Refusal:
             reply: pb.PreviewReply = self._stub(channel).Preview(
@@ -153,6 +162,8 @@ class AgentClient:
     def release(self, study: bytes, envelope: bytes | None = None) -> bytes | Refusal:
         """Ask for a study's release: the signed release envelope (JSON bytes), exactly
         as the site's ledger cached it, or a refusal (code, fixed message)."""
+        if _oversized(study, envelope):
+            return _MALFORMED
 
         def run(channel: grpc.Channel) -> bytes | Refusal:
             reply: pb.ReleaseReply = self._stub(channel).Release(

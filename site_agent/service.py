@@ -40,9 +40,15 @@ from protocols import site_agent_pb2 as pb
 from protocols import site_agent_pb2_grpc as pb_grpc
 from protocols.codes import MESSAGES, ErrorCode
 from protocols.errors import SpecError
+from protocols.limits import (
+    MAX_ENVELOPE_BYTES,
+    MAX_MESSAGE_BYTES,
+    MAX_REQUEST_BYTES,
+    MAX_STUDY_WIRE_BYTES,
+)
 from protocols.release import parse_envelope
 from protocols.study import SCHEMA_VERSION, Family, study_from_canonical
-from site_agent.agent_client import CHANNEL_OPTIONS, SERVICE_NAME
+from site_agent.agent_client import SERVICE_NAME
 from site_agent.errors import ConfigError
 from site_agent.privacy import LedgerError, Refused, ReleaseEngine, StudyRequest, load_engine
 
@@ -61,6 +67,13 @@ GRACE_SECONDS = 5.0
 WORKERS = 4  # requests run in parallel; the ledger serialises spending across processes
 MAX_CONCURRENT_RPCS = 32  # beyond this, callers get RESOURCE_EXHAUSTED instead of a queue
 _SUN_PATH_MAX = 107  # bytes in a Unix socket path (sockaddr_un.sun_path less its NUL)
+# Requests are studies (bounded, see protocols/limits.py); replies may be releases up to
+# the transport limit. gRPC refuses a larger request before any of our code runs.
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+)
+LOG_DETAIL_CHARS = 500  # a refusal's local detail is logged at most this long
 
 log = logging.getLogger("outcomebench.site.service")
 
@@ -73,6 +86,8 @@ def parse_study_message(msg: pb.StudyMessage) -> StudyRequest:
     The study must be in canonical form; a signed-study envelope, when sent, must carry
     exactly those bytes, so a signature over one study cannot vouch for another.
     """
+    if len(msg.study) > MAX_STUDY_WIRE_BYTES or len(msg.envelope) > MAX_ENVELOPE_BYTES:
+        raise Refused(ErrorCode.MALFORMED_STUDY, "larger than any valid study")
     try:
         study = study_from_canonical(msg.study)
         if not msg.HasField("envelope"):
@@ -86,6 +101,14 @@ def parse_study_message(msg: pb.StudyMessage) -> StudyRequest:
             ErrorCode.MALFORMED_STUDY, "the envelope's signed payload is not the study sent"
         )
     return StudyRequest(study, envelope)
+
+
+def _clip(detail: str) -> str:
+    """A refusal's detail for the log, cut to LOG_DETAIL_CHARS (a study's problems quote
+    its values, so the log never grows by more than this per request)."""
+    if len(detail) <= LOG_DETAIL_CHARS:
+        return detail
+    return f"{detail[:LOG_DETAIL_CHARS]}... ({len(detail) - LOG_DETAIL_CHARS} more characters)"
 
 
 def _error(code: ErrorCode) -> pb.Error:
@@ -115,7 +138,7 @@ class SiteAgentService(pb_grpc.SiteAgentServicer):
             label = f"study {req.study.id!r} ({req.study.hash[:12]})"
             body = run(req)
         except Refused as r:
-            log.info("%s %s: refused %s: %s", method, label, r.code, r.detail or "-")
+            log.info("%s %s: refused %s: %s", method, label, r.code, _clip(r.detail) or "-")
             return r.code
         except Exception as exc:  # never its text across the socket
             log.exception("%s %s: internal error (%s)", method, label, exc.__class__.__name__)
@@ -132,7 +155,8 @@ class SiteAgentService(pb_grpc.SiteAgentServicer):
             doc = self.engine.preview(req)
             detail = doc.pop("detail", "")  # local only, like Refused.detail
             if detail:
-                log.info("Preview study %r: plan refused %s: %s", req.study.id, doc["code"], detail)
+                code, clipped = doc["code"], _clip(detail)
+                log.info("Preview study %r: plan refused %s: %s", req.study.id, code, clipped)
             return json.dumps(doc, sort_keys=True, default=str).encode()
 
         out = self._answer("Preview", request, run)
@@ -274,7 +298,7 @@ class AgentServer:
         _prepare_socket(self.socket_path)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="site-agent"),
-            options=CHANNEL_OPTIONS,
+            options=SERVER_OPTIONS,
             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         )
         pb_grpc.add_SiteAgentServicer_to_server(  # type: ignore[no-untyped-call]

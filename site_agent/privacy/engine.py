@@ -32,15 +32,14 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocols.codes import MESSAGES, ErrorCode
 from protocols.errors import SpecError
 from protocols.instruments import Instrument
 from protocols.layout import block_layout, budget_weights
-from protocols.release import Envelope, NoisyBlock, SiteRelease, parse_envelope
-from protocols.study import Study, parse_study, study_from_canonical
+from protocols.release import Envelope, NoisyBlock, SiteRelease
+from protocols.study import Study, read_study_file
 from site_agent import crypto
 from site_agent.config import SiteConfig, load_site_config
 from site_agent.data import check_export, read_intake
@@ -101,19 +100,13 @@ class StudyRequest:
 
 
 def load_study_request(path: Path) -> StudyRequest:
-    """A study file: the YAML draft, or a signed study (JSON envelope)."""
+    """A study file: the YAML draft, or a signed study (JSON envelope), read within the
+    document bounds; anything wrong with it is ``Refused(MALFORMED_STUDY)``."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise Refused(ErrorCode.MALFORMED_STUDY, f"{path}: cannot read ({exc})") from None
-    try:
-        doc = yaml.safe_load(text)  # JSON is YAML too
-        if isinstance(doc, dict) and doc.get("format") == "outcomebench.signed-study":
-            env = parse_envelope(text, "study")
-            return StudyRequest(study_from_canonical(env.payload), env)
-        return StudyRequest(parse_study(doc))
-    except (SpecError, yaml.YAMLError) as exc:
+        study, envelope = read_study_file(path)
+    except SpecError as exc:
         raise Refused(ErrorCode.MALFORMED_STUDY, str(exc)) from None
+    return StudyRequest(study, envelope)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +203,10 @@ class ReleaseEngine:
                 ErrorCode.OVER_STUDY_CAP,
                 f"asks rho {float(requested):.6g} > cap {float(pol.per_study_rho):.6g}",
             )
-        layout = block_layout(study)
+        try:
+            layout = block_layout(study)  # refuses, unallocated, a release too large to send
+        except SpecError as exc:
+            raise Refused(ErrorCode.MALFORMED_STUDY, str(exc)) from None
         shares = budget_weights(layout)
         blocks = tuple(
             compile_block(spec, requested * share, pol.max_episodes_per_client)

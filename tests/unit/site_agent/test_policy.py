@@ -1,14 +1,23 @@
 from __future__ import annotations
 
+import json
+import math
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import opendp.prelude as dp
 import pytest
 import yaml
 
 from site_agent.errors import ConfigError
 from site_agent.privacy import Approval, load_policy
+from site_agent.privacy.accounting import (
+    EXACT_CI_MAX_SCALE,
+    discrete_gaussian_ci,
+    rho_for_epsilon,
+    zcdp_to_epsilon,
+)
 
 from .privacy_helpers import POLICY
 
@@ -92,3 +101,45 @@ def test_an_unreadable_policy_names_the_file_and_the_fix(
         load_policy(path)
     (problem,) = info.value.problems
     assert problem.startswith(f"{path}: ") and expected in problem, problem
+
+
+@pytest.mark.parametrize("rho", [1e3, 1e6, 1e12])
+def test_a_very_large_budget_loads_and_shows_its_epsilon(
+    tmp_path: Path, rho: float, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """OpenDP's conversion overflows from rho ~1,000 on; the display falls back to the
+    textbook bound (an upper bound on epsilon) instead of failing to load (was exit 70)."""
+    from site_agent.cli import main  # noqa: PLC0415
+
+    from .privacy_helpers import make_site  # noqa: PLC0415
+
+    doc = POLICY | {"per_study": {"rho": rho}, "budget": {"rho": rho, "period_days": 365}}
+    pol = _load(tmp_path, doc)
+    eps = pol.epsilon(pol.budget_rho)
+    # at least rho, at most the textbook bound (what is shown once OpenDP overflows)
+    assert rho <= eps <= rho + 2 * math.sqrt(rho * math.log(1e6)) * (1 + 1e-12)
+    assert any(f"epsilon {eps:.2f} (> 5)" in w for w in pol.warnings)
+    config = make_site(tmp_path / "clinic", doc)
+    assert main(["budget", "--config", str(config), "--json"]) == 0
+    budget = json.loads(capsys.readouterr().out)
+    assert budget["budget"]["epsilon"] == pytest.approx(eps)
+
+
+def test_epsilon_and_rho_convert_over_the_whole_accepted_range() -> None:
+    delta = Fraction(1, 10**6)
+    for eps in (Fraction(1, 10**6), Fraction(1), Fraction(10**6), Fraction(10**30)):
+        rho = rho_for_epsilon(eps, delta)
+        assert rho > 0 and zcdp_to_epsilon(rho, delta) <= float(eps)
+        if eps >= 1:  # and it is the largest that fits (was 0 for epsilon 1e30)
+            assert zcdp_to_epsilon(rho, delta) >= float(eps) * (1 - 1e-9)
+    eps = zcdp_to_epsilon(Fraction(10**30), delta)
+    assert 1e30 < eps < 1.0001e30
+
+
+def test_the_noise_interval_is_quick_and_never_understated_for_huge_scales() -> None:
+    """OpenDP's accuracy sums over the support (time linear in the scale): a study asking
+    rho 1e-30 hung preview. Above EXACT_CI_MAX_SCALE the Gaussian bound is used."""
+    for scale in (EXACT_CI_MAX_SCALE * 1.0001, 1e6):
+        exact = float(dp.discrete_gaussian_scale_to_accuracy(scale, 0.05))
+        assert exact <= discrete_gaussian_ci(scale, 0.05) <= exact + 2
+    assert discrete_gaussian_ci(1e30, 0.05) >= 1.95e30

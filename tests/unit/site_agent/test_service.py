@@ -25,13 +25,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from protocols import site_agent_pb2 as pb
 from protocols import site_agent_pb2_grpc as pb_grpc
 from protocols.codes import MESSAGES, ErrorCode
+from protocols.limits import MAX_ENVELOPE_BYTES, MAX_REQUEST_BYTES, MAX_STUDY_WIRE_BYTES
 from protocols.release import SiteRelease, parse_envelope
 from protocols.study import parse_study
 from site_agent import crypto
-from site_agent.agent_client import AgentClient, AgentUnavailable, Refusal
+from site_agent.agent_client import CHANNEL_OPTIONS, AgentClient, AgentUnavailable, Refusal
 from site_agent.cli import main
 from site_agent.errors import ConfigError, ExitCode
-from site_agent.service import AgentServer, load_engine
+from site_agent.service import LOG_DETAIL_CHARS, AgentServer, load_engine
 
 from .privacy_helpers import POLICY, STUDY, engine, make_site, request
 
@@ -150,6 +151,37 @@ def test_malformed_requests(agent: tuple[AgentServer, AgentClient, Path]) -> Non
     assert client.release(_study(), other.dumps().encode()) == malformed
     assert client.release(b"{" * 100_000) == malformed
     assert Fraction(client.status().spent_rho) == 0
+
+
+def test_request_sizes_are_bounded_at_the_agent(
+    agent: tuple[AgentServer, AgentClient, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A study larger than any valid one is malformed; a request over the agent's gRPC
+    receive limit never reaches our code; the logged detail of a refusal is clipped."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    server, client, _ = agent
+    malformed = _refused(ErrorCode.MALFORMED_STUDY)
+    big = b"[" * (MAX_STUDY_WIRE_BYTES + 1)
+    assert client.release(big) == malformed  # refused by the client, before sending
+    assert client.preview(_study(), b" " * (MAX_ENVELOPE_BYTES + 1)) == malformed
+    with grpc.insecure_channel(f"unix:{server.socket_path}", options=CHANNEL_OPTIONS) as ch:
+        stub = pb_grpc.SiteAgentStub(ch)  # type: ignore[no-untyped-call]
+        for msg in (pb.StudyMessage(study=big),
+                    pb.StudyMessage(study=_study(), envelope=b"{" * (MAX_ENVELOPE_BYTES + 1)),
+                    pb.StudyMessage(study=b"[" * 60_000)):  # deep, but small enough to parse
+            raw: pb.ReleaseReply = stub.Release(msg, timeout=10)
+            assert raw.error.code == "malformed_study"
+        with pytest.raises(grpc.RpcError) as rpc:
+            stub.Release(pb.StudyMessage(study=b"x" * (MAX_REQUEST_BYTES + 1)), timeout=10)
+        assert rpc.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        # A wire study with 300 problems: its log line stays short.
+        doc = parse_study(STUDY).canonical() | {f"unknown_{i}": i for i in range(300)}
+        wire = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        assert stub.Release(pb.StudyMessage(study=wire), timeout=10).error.code == (
+            "malformed_study")
+    assert client.health() and Fraction(client.status().spent_rho) == 0
+    lines = [r.getMessage() for r in caplog.records if "refused malformed_study" in r.getMessage()]
+    assert len(lines) == 4 and max(len(line) for line in lines) < LOG_DETAIL_CHARS + 200
 
 
 def test_signed_studies_from_trusted_coordinators_only(tmp_path: Path) -> None:
