@@ -29,6 +29,7 @@ from site_agent.privacy import (
     load_policy,
     load_study_request,
 )
+from site_agent.privacy.accounting import zcdp_to_epsilon
 from site_agent.report import compare, load_benchmark, write_comparison
 from site_agent.summary import LOCAL_ONLY, summarize
 
@@ -138,6 +139,11 @@ def _parser() -> argparse.ArgumentParser:
     rel.add_argument("--out", required=True, type=Path, help="where to write release.json")
     sub_cmd("budget", "the privacy budget: period, spent, remaining", _budget)
     sub_cmd("requests", "studies awaiting or past the privacy officer's decision", _requests)
+    sub_cmd(
+        "history",
+        "every request from the audit chain: when, which study, decision, cost, what left",
+        _history,
+    )
     for name, verb in (("approve", "approve"), ("deny", "deny")):
         sp = sub_cmd(name, f"{verb} a pending study request (manual approval)", _decide)
         sp.add_argument("request_id", metavar="REQUEST_ID")
@@ -396,6 +402,45 @@ def _requests(args: argparse.Namespace) -> int:
             )
 
     _emit(args, rows, text)
+    return ExitCode.OK
+
+
+def _history(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    try:
+        with engine.ledger() as led:
+            rows = led.history()
+    except LedgerError as exc:
+        return _ledger_failed(exc)
+    delta = engine.policy.delta
+    doc = [
+        {
+            "seq": r.seq,
+            "when": r.when,
+            "request_id": r.request_id,
+            "study_id": r.study_id,
+            "title": r.title,
+            "decision": r.decision,
+            "code": r.code,
+            "cost_rho": str(r.cost),
+            "cost_epsilon": zcdp_to_epsilon(r.cost, delta) if r.cost > 0 else 0.0,
+            "sha256": r.sha256,
+        }
+        for r in rows
+    ]
+
+    def text(rs: list[dict[str, Any]]) -> None:
+        if not rs:
+            print("no study requests recorded")
+        for r in rs:
+            print(
+                f"{r['when']}  {r['decision']:<11} {r['study_id'] or '(malformed)'}  "
+                f"{r['title']!r}  rho {float(Fraction(r['cost_rho'])):.6g}"
+                + (f"  ({r['code']})" if r["code"] else "")
+                + (f"  sha256 {r['sha256']}" if r["sha256"] else "")
+            )
+
+    _emit(args, doc, text)
     return ExitCode.OK
 
 

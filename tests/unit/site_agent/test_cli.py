@@ -121,3 +121,38 @@ def test_release_file_written_without_following_planted_links(tmp_path: Path) ->
         [f".release.json.tmp-{os.getpid()}", "release.json", "victim.txt"])
     with pytest.raises(OSError):
         _write_atomically(tmp_path / "missing-dir" / "r.json", b"x")
+
+
+def test_history_lists_every_request_with_cost_and_what_left(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import hashlib  # noqa: PLC0415
+    from fractions import Fraction  # noqa: PLC0415
+
+    import yaml  # noqa: PLC0415
+
+    from .privacy_helpers import POLICY, STUDY, make_site  # noqa: PLC0415
+
+    config = str(make_site(tmp_path / "clinic", POLICY))
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"study": STUDY}))
+    gad = tmp_path / "gad.yaml"
+    gad.write_text(yaml.safe_dump({"study": STUDY | {"id": "big", "privacy": {"rho": 0.2}}}))
+    out = tmp_path / "r.json"
+    assert main(["release", "--config", config, "--study", str(study), "--out", str(out)]) == 0
+    assert main(["release", "--config", config, "--study", str(study), "--out", str(out)]) == 0
+    assert main(["release", "--config", config, "--study", str(gad), "--out", str(out)]) != 0
+    capsys.readouterr()
+    assert main(["history", "--config", config, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["decision"] for r in rows] == ["released", "cached", "refused"]
+    assert rows[0]["sha256"] == rows[1]["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert rows[2]["code"] == "over_study_cap" and rows[2]["sha256"] is None
+    assert Fraction(rows[0]["cost_rho"]) > 0 and rows[0]["cost_epsilon"] > 0
+    assert Fraction(rows[1]["cost_rho"]) == Fraction(rows[2]["cost_rho"]) == 0
+    assert main(["budget", "--config", config, "--json"]) == 0
+    budget = json.loads(capsys.readouterr().out)
+    assert main(["history", "--config", config]) == 0
+    text = capsys.readouterr().out
+    assert "released" in text and "over_study_cap" in text and rows[0]["sha256"] in text
+    assert budget["spent"]["rho"] is not None
