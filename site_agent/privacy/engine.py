@@ -245,6 +245,12 @@ class ReleaseEngine:
                 f"study id {study.id} was answered with another content",
                 plan=plan,
             )
+        # The export's structure (not its records): what release refuses before the
+        # reservation, so preview must say the same.
+        try:
+            check_export(self.site.data)
+        except DataError as exc:
+            return Decision(Action.REFUSE, ErrorCode.INVALID_DATA, str(exc), plan=plan)
         charge = led.charge_for(plan.request_id, plan.cost)
         status = led.status()
         if status.spent + charge > status.budget:

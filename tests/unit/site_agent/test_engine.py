@@ -177,6 +177,8 @@ def test_unusable_export_is_refused_before_reservation_at_no_cost(tmp_path: Path
     config = make_site(tmp_path)
     eng = engine(config)
     (config.parent / "outcomes.csv").unlink()
+    preview = eng.preview(request())  # preview decides as release does
+    assert preview["outcome"].startswith("refuse") and preview["code"] == "invalid_data"
     assert _refusal(eng, request()) is ErrorCode.INVALID_DATA
     with eng.ledger() as led:
         assert led.status().spent == 0
