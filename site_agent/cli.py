@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -414,17 +415,10 @@ def _history(args: argparse.Namespace) -> int:
         return _ledger_failed(exc)
     delta = engine.policy.delta
     doc = [
-        {
-            "seq": r.seq,
-            "when": r.when,
-            "request_id": r.request_id,
-            "study_id": r.study_id,
-            "title": r.title,
-            "decision": r.decision,
-            "code": r.code,
-            "cost_rho": str(r.cost),
+        {k: v for k, v in dataclasses.asdict(r).items() if k != "cost"}
+        | {
+            "cost_rho": str(r.cost),  # exact, as the ledger keeps it
             "cost_epsilon": zcdp_to_epsilon(r.cost, delta) if r.cost > 0 else 0.0,
-            "sha256": r.sha256,
         }
         for r in rows
     ]

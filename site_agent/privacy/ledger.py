@@ -818,21 +818,19 @@ class Ledger:
             raise LedgerRefusal(ErrorCode.OVER_STUDY_CAP, f"rho {rho} > per-study cap {cap}")
         with self._write() as chain:
             n, begin, _ = self._period(chain)
+            # A spend's chain entry binds it to its request, exact rho and period.
+            entry = {
+                "request_id": request_id,
+                "study_id": study_id,
+                "study_hash": study_hash,
+                "rho": str(rho),
+                "period": n,
+                "period_start": begin.isoformat(),
+            }
             earlier = self._reusable(chain, request_id, rho)
             if earlier is not None:
                 spend_id = int(earlier["spend_id"])
-                self._append(
-                    "reused",
-                    {
-                        "request_id": request_id,
-                        "study_id": study_id,
-                        "study_hash": study_hash,
-                        "spend_id": spend_id,
-                        "rho": str(rho),
-                        "period": n,
-                        "period_start": begin.isoformat(),
-                    },
-                )
+                self._append("reused", entry | {"spend_id": spend_id})
                 return Reservation(spend_id=spend_id, rho=rho, request_id=request_id, reused=True)
             spent = chain.spent(n, begin.isoformat())
             if spent + rho > self.budget:
@@ -853,18 +851,7 @@ class Ledger:
                 ),
             )
             spend_id = int(cur.lastrowid or 0)
-            self._append(
-                "reserved",
-                {
-                    "request_id": request_id,
-                    "study_id": study_id,
-                    "study_hash": study_hash,
-                    "spend_id": spend_id,
-                    "rho": str(rho),
-                    "period": n,
-                    "period_start": begin.isoformat(),
-                },
-            )
+            self._append("reserved", entry | {"spend_id": spend_id})
         return Reservation(spend_id=spend_id, rho=rho, request_id=request_id)
 
     def complete(

@@ -41,6 +41,8 @@ from site_agent import crypto
 from site_agent.cli import main as site_main
 from site_agent.errors import ExitCode as SiteExit
 
+from ..site_agent.privacy_helpers import POLICY
+
 CPU_SECONDS = 30.0  # per example, all four runs together; a valid one takes well under 1 s
 RSS_GROWTH_KB = 400_000  # new peak resident memory one example may add
 
@@ -237,15 +239,10 @@ class Site:
                                  "date": "seen_on", "score": "total"}},
             "privacy_policy": "privacy.yaml",
         }))
-        (d / "privacy.yaml").write_text(yaml.safe_dump({
-            "unit": "client_id",
-            "max_episodes_per_client": 1,
+        (d / "privacy.yaml").write_text(yaml.safe_dump(POLICY | {
             "per_study": {"rho": 1},
             "budget": {"rho": 10, "period_days": 365},
-            "allow": {"instruments": ["PHQ-9", "X"],
-                      "families": ["counts", "change", "categories", "trajectory", "histogram"]},
-            "approval": "auto",
-            "state_dir": "state/",
+            "allow": POLICY["allow"] | {"instruments": ["PHQ-9", "X"]},
         }))
         return d / "site.yaml"
 
