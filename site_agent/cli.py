@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ from typing import Any
 
 from protocols.codes import ErrorCode
 from protocols.errors import SpecError
-from site_agent import crypto
+from site_agent import crypto, privacy_report
 from site_agent.config import SiteConfig, load_site_config
 from site_agent.data import Intake, read_intake
 from site_agent.errors import EXIT_HELP, ConfigError, DataError, ExitCode, refusal_exit
@@ -144,6 +145,20 @@ def _parser() -> argparse.ArgumentParser:
         "history",
         "every request from the audit chain: when, which study, decision, cost, what left",
         _history,
+    )
+    rep = sub_cmd(
+        "period-report",
+        "a printable report of a budget period for the privacy officer: the guarantees "
+        "in words, the budget over time, every release and refusal (HTML)",
+        _period_report,
+    )
+    rep.add_argument("--out", required=True, type=Path, help="where to write the HTML file")
+    rep.add_argument(
+        "--period",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the period to report (0 = the first; default: the current one)",
     )
     for name, verb in (("approve", "approve"), ("deny", "deny")):
         sp = sub_cmd(name, f"{verb} a pending study request (manual approval)", _decide)
@@ -436,6 +451,64 @@ def _history(args: argparse.Namespace) -> int:
 
     _emit(args, doc, text)
     return ExitCode.OK
+
+
+def _period_report(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    try:  # opened unchecked, so that a broken chain is reported in the report, not hidden
+        with engine.ledger(check=False) as led:
+            problems = led.verify_audit()
+            current = led.status()
+            if args.period is not None and not 0 <= args.period <= current.period:
+                print(
+                    f"--period {args.period}: the ledger has periods 0 to {current.period}",
+                    file=sys.stderr,
+                )
+                return ExitCode.USAGE
+            periods = tuple(led.status(n) for n in range(current.period + 1))
+            history = led.history()
+            try:
+                fp = crypto.fingerprint(led.signing_key())
+            except LedgerError:
+                fp = "missing"
+    except LedgerError as exc:
+        return _ledger_failed(exc)
+    budget = periods[current.period if args.period is None else args.period]
+    report = privacy_report.PeriodReport(
+        site_id=engine.site.site_id,
+        key_fingerprint=fp,
+        policy=engine.policy,
+        budget=budget,
+        current_period=current.period,
+        periods=periods,
+        rows=privacy_report.period_rows(history, budget.period),
+        problems=tuple(problems),
+        generated=dt.datetime.now(dt.UTC),
+    )
+    try:
+        _write_atomically(args.out, privacy_report.render(report).encode())
+    except OSError as exc:
+        print(f"{args.out}: cannot write ({exc.strerror})", file=sys.stderr)
+        return ExitCode.DATA
+    doc = {
+        "written": str(args.out),
+        "period": budget.period,
+        "start": budget.period_start.isoformat(),
+        "end": budget.period_end.isoformat(),
+        "requests": len(report.rows),
+        "spent_rho": str(budget.spent),
+        "verified": not problems,
+    }
+    _emit(
+        args,
+        doc,
+        lambda d: print(
+            f"privacy report of period {d['period']} ({d['start']} to {d['end']}, "
+            f"{d['requests']} requests) written to {d['written']}"
+            + ("" if d["verified"] else "; the audit chain did NOT verify (see the report)")
+        ),
+    )
+    return ExitCode.OK if not problems else ExitCode.AUDIT
 
 
 def _decide(args: argparse.Namespace) -> int:

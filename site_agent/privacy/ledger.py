@@ -149,6 +149,7 @@ class HistoryRow:
 
     seq: int
     when: str
+    period: int  # the budget period (0 = the first) the event fell in
     request_id: str
     study_id: str
     title: str
@@ -743,18 +744,28 @@ class Ledger:
 
     # -- budget ---------------------------------------------------------------------
 
-    def _period(self, chain: _Chain | None = None) -> tuple[int, dt.date, dt.date]:
-        genesis = (chain or self._chain()).genesis
-        start = dt.date.fromisoformat(
+    def _start(self, chain: _Chain) -> dt.date:
+        genesis = chain.genesis
+        return dt.date.fromisoformat(
             str(genesis.get("period_start")) if genesis else self._meta("period_start")
         )
-        n = max(0, (self.clock().date() - start).days // self.period_days)
+
+    def _period_of(self, start: dt.date, day: dt.date) -> int:
+        return max(0, (day - start).days // self.period_days)
+
+    def _period(
+        self, chain: _Chain | None = None, n: int | None = None
+    ) -> tuple[int, dt.date, dt.date]:
+        start = self._start(chain or self._chain())
+        if n is None:
+            n = self._period_of(start, self.clock().date())
         begin = start + dt.timedelta(days=n * self.period_days)
         return n, begin, begin + dt.timedelta(days=self.period_days - 1)
 
-    def status(self) -> Budget:
+    def status(self, period: int | None = None) -> Budget:
+        """The budget of ``period`` (default: the current one) and what it spent."""
         chain = self._chain()
-        n, begin, end = self._period(chain)
+        n, begin, end = self._period(chain, period)
         return Budget(
             period=n,
             period_start=begin,
@@ -1097,6 +1108,8 @@ class Ledger:
         audit chain (so it is as tamper-evident as the chain), with the study's title."""
         titles = dict(self.db.execute("SELECT request_id, title FROM requests").fetchall())
         chain = self._chain()
+        start = self._start(chain)
+        reserved = chain.reservations()
         charged_by_outcome = {  # reservations whose cost is on their attempt's outcome
             b.get("spend_id")
             for _, b in chain.of("released", "refused", "discarded")
@@ -1116,6 +1129,13 @@ class Ledger:
             else:
                 decision = {"discarded": "cached"}.get(e.kind, e.kind)
                 cost = _fraction(b.get("charged", 0))
+            # A cost belongs to the period of its reservation, even if the outcome was
+            # written after midnight of the period's last day.
+            reservation = reserved.get(b.get("spend_id"))
+            if reservation is not None and isinstance(reservation.get("period"), int):
+                period = int(reservation["period"])
+            else:
+                period = self._period_of(start, dt.datetime.fromisoformat(e.ts).date())
             code = b.get("code")
             if code == str(ErrorCode.PENDING_APPROVAL):
                 decision = "pending"
@@ -1123,6 +1143,7 @@ class Ledger:
                 HistoryRow(
                     seq=e.seq,
                     when=e.ts,
+                    period=period,
                     request_id=rid,
                     study_id=str(b.get("study_id", "")),
                     title=str(titles.get(rid, "")),

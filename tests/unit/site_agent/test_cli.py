@@ -156,3 +156,50 @@ def test_history_lists_every_request_with_cost_and_what_left(
     text = capsys.readouterr().out
     assert "released" in text and "over_study_cap" in text and rows[0]["sha256"] in text
     assert budget["spent"]["rho"] is not None
+
+
+def test_period_report_shows_the_guarantees_the_budget_and_every_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import hashlib  # noqa: PLC0415
+    import html  # noqa: PLC0415
+    import sqlite3  # noqa: PLC0415
+
+    import yaml  # noqa: PLC0415
+
+    from .privacy_helpers import POLICY, STUDY, make_site  # noqa: PLC0415
+
+    config = str(make_site(tmp_path / "clinic", POLICY))
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"study": STUDY | {"title": "Spring <b>audit</b>"}}))
+    big = tmp_path / "big.yaml"
+    big.write_text(yaml.safe_dump({"study": STUDY | {"id": "big", "privacy": {"rho": 0.2}}}))
+    out, report = tmp_path / "r.json", tmp_path / "report.html"
+    for s in (study, study, big):
+        main(["release", "--config", config, "--study", str(s), "--out", str(out)])
+    capsys.readouterr()
+    assert main(["period-report", "--config", config, "--out", str(report), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["period"], doc["requests"], doc["verified"]) == (0, 3, True)
+    page = report.read_text()
+    assert hashlib.sha256(out.read_bytes()).hexdigest() in page  # what left, twice
+    assert page.count(hashlib.sha256(out.read_bytes()).hexdigest()) == 2
+    assert "over_study_cap" in page and "Spring &lt;b&gt;audit&lt;/b&gt;" in page
+    assert "<b>audit</b>" not in page  # a study's title is data, never markup
+    for words in ("Who is protected", "adding or removing all", "starts afresh every 365",
+                  "The audit chain verified", "<svg"):
+        assert words in html.unescape(page), words
+    assert f"&rho; {float(STUDY['privacy']['rho']):.4g}</b>" in page  # spent: one study
+    assert "<script" not in page and "http" not in page  # self-contained, nothing fetched
+
+    assert main(["period-report", "--config", config, "--out", str(report),
+                 "--period", "1"]) == ExitCode.USAGE
+    assert "periods 0 to 0" in capsys.readouterr().err
+
+    # A tampered ledger is reported as such in the report, with the audit exit code.
+    db = Path(config).parent / "state" / "ledger.sqlite"
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE spends SET period = period - 1")
+    assert main(["period-report", "--config", config, "--out", str(report)]) == ExitCode.AUDIT
+    assert "did NOT verify" in capsys.readouterr().out
+    assert "did NOT verify" in report.read_text()

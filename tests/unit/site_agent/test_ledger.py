@@ -434,6 +434,26 @@ def test_a_new_period_starts_afresh(tmp_path: Path) -> None:
     assert _rows(tmp_path, "SELECT period FROM spends ORDER BY id") == [(0,), (1,)]
 
 
+def test_history_and_status_by_period(tmp_path: Path) -> None:
+    now = [T0]
+    with _open(tmp_path, budget=Fraction(1, 2), period_days=30, clock=lambda: now[0]) as led:
+        res = _reserve(led, Fraction(1, 5), sid="a")
+        now[0] = T0 + dt.timedelta(days=30)  # the outcome lands in the next period...
+        led.complete(res, study_id="a", study_hash="h-a", body=b"a")
+        _reserve(led, Fraction(1, 10), sid="b")  # ...and this reservation is period 1's
+        rows = led.history()
+        # ...but its cost stays with the period of its reservation.
+        assert [(r.decision, r.period, r.cost) for r in rows] == [
+            ("released", 0, Fraction(1, 5)), ("interrupted", 1, Fraction(1, 10))]
+        past, current = led.status(0), led.status()
+        assert (past.period, past.period_start, past.spent) == (0, dt.date(2026, 1, 1),
+                                                                Fraction(1, 5))
+        assert (current.period, current.period_start, current.spent) == (
+            1, dt.date(2026, 1, 31), Fraction(1, 10))
+        assert led.status(1) == current
+        assert sum(r.cost for r in rows if r.period == 0) == past.spent
+
+
 AMOUNTS = st.one_of(
     st.fractions(min_value=Fraction(1, 10**6), max_value=1, max_denominator=10**6),
     st.sampled_from([Fraction(1, 10), Fraction(1, 3), Fraction(1, 2), Fraction(1, 10**30)]),
