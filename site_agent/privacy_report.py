@@ -244,11 +244,12 @@ _CSS = """
 @page{size:A4;margin:14mm}
 body{font-family:system-ui,sans-serif;color:#1d1d1d;max-width:960px;margin:1.5em auto;
 padding:0 1em;font-size:14px;line-height:1.4}
-h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.15em;margin-top:1.4em;
+h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.15em;margin-top:1.4em;break-after:avoid;
 border-bottom:1px solid #bbb}
 .meta{color:#555}.words li{margin:.35em 0}
 .cards{display:flex;gap:.8em;flex-wrap:wrap;margin:1em 0}
-.card{border:1px solid #bbb;border-radius:4px;padding:.5em .8em;min-width:9em}
+.card{border:1px solid #bbb;border-radius:4px;padding:.5em .8em;flex:1;min-width:7em}
+svg{break-inside:avoid}
 .card b{display:block;font-size:1.3em}
 .bar{height:10px;background:#e6e6e6;border-radius:5px;overflow:hidden;margin-top:.3em}
 .bar span{display:block;height:100%;background:#2f6db5}
