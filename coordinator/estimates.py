@@ -19,6 +19,7 @@ that did not take part is not in them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ import numpy as np
 
 from coordinator.pooling import Pooled
 from protocols.instruments import Better
+from protocols.layout import COUNT_BLOCK, TOLERANCES, category_possible, trajectory_groups
+from protocols.study import Family, Study
 
 __all__ = ["MAX_DENOMINATOR_NOISE", "MIN_EPISODES", "Estimate", "Tables", "estimate_all"]
 
@@ -46,6 +49,7 @@ class Estimate:
     se_noise: float = math.nan
     suppressed: str | None = None
     bounds: tuple[float, float] = (-math.inf, math.inf)  # the parameter's natural range
+    note: str | None = None  # known by definition, or clipped to its range, and why
 
     @property
     def se(self) -> float:
@@ -68,6 +72,7 @@ class Estimate:
             "se_sampling": None if self.value is None else _round(self.se_sampling),
             "se_noise": None if self.value is None else _round(self.se_noise),
             "suppressed": self.suppressed,
+            "note": self.note,
         }
 
 
@@ -166,179 +171,440 @@ class Tables:
     reference_sd: Estimate
 
 
-def _cell(p: Pooled, block: str, band: int, col: int = 0) -> tuple[float, float]:
-    b = p.blocks[block]
-    return float(b.values[band, col]), float(b.noise_var[band, col])
-
-
-def _total(p: Pooled, block: str) -> tuple[float, float]:
-    b = p.blocks[block]
-    return float(b.values[:, 0].sum()), float(b.noise_var[:, 0].sum())
-
-
-def estimate_all(p: Pooled) -> Tables:
-    study = p.study
-    has = set(p.blocks)
-    sign = 1.0 if study.instrument.better is Better.HIGHER else -1.0  # improvement = sign*diff
-    ref = (
-        sd(_total(p, "sum_intake"), _total(p, "sum_intake_sq"), _total(p, "episodes"))
-        if "sum_intake" in has
-        else suppressed("the study has no change family")
-    )
-    bands: list[dict[str, Any]] = []
-    for i, (lo, hi) in enumerate(study.bands):
-        est: dict[str, Estimate] = {}
-        if "episodes" in has:
-            n, vn = _cell(p, "episodes", i)
-            # A noisy count may dip below zero; clipping is post-processing.
-            est["episodes"] = Estimate(max(n, 0.0), 0.0, math.sqrt(vn), bounds=(0.0, math.inf))
-        if "sum_change" in has:
-            n_ = _cell(p, "episodes", i)
-            est["mean_intake"] = mean(_cell(p, "sum_intake", i), _cell(p, "sum_intake_sq", i), n_)
-            est["mean_change"] = mean(_cell(p, "sum_change", i), _cell(p, "sum_change_sq", i), n_)
-            est["sd_change"] = sd(_cell(p, "sum_change", i), _cell(p, "sum_change_sq", i), n_)
-            est["effect_size"] = _effect_size(p, i, ref)
-        if "reliably_improved" in has:
-            n_ = _cell(p, "episodes", i)
-            c_ = _cell(p, "case_at_intake", i)
-            for name, label in RATES:
-                est[label] = rate(_cell(p, name, i), n_)
-            est["recovery_rate"] = rate(_cell(p, "recovered", i), c_, "episodes at caseness")
-            est["reliable_recovery_rate"] = rate(
-                _cell(p, "reliably_recovered", i), c_, "episodes at caseness"
-            )
-        bands.append({"band": f"{lo}-{hi}", "lo": lo, "hi": hi, "estimates": est})
-    return Tables(
-        bands=bands,
-        quantiles=_quantiles(p) if "change_hist" in has else [],
-        trajectory=_trajectory(p, sign) if "traj_n" in has else [],
-        trajectory_fit=_trajectory_fit(p, sign) if "traj_n" in has else [],
-        regression=_regression(p) if "sum_intake_change" in has else {},
-        reference_sd=ref,
-    )
-
-
 RATES = (
     ("reliably_improved", "reliable_improvement_rate"),
     ("reliably_deteriorated", "reliable_deterioration_rate"),
     ("case_at_intake", "case_at_intake_rate"),
     ("response", "response_rate"),
     ("remission", "remission_rate"),
+    ("recovered", "recovery_rate"),
+    ("reliably_recovered", "reliable_recovery_rate"),
 )
+KIND = {  # each published figure's kind: its clinical tolerance (protocols/layout.py)
+    "episodes": "episodes",
+    "mean_intake": "mean_intake",
+    "mean_change": "mean_change",
+    "sd_change": "sd_change",
+    "effect_size": "effect_size",
+    **{label: "rate" for _, label in RATES},
+}
+NOT_ESTIMABLE_FACTOR = 2.0
+"""A figure whose DP noise alone has an SD over this many times its clinical tolerance is
+published as not estimable at this budget instead of being headlined."""
 
 
-def _effect_size(p: Pooled, band: int, ref: Estimate) -> Estimate:
-    """Mean change in the band / SD of intake over all bands (one reference SD for every
-    band, so that bands compare; a within-band SD would inflate narrow bands)."""
-    m = mean(
-        _cell(p, "sum_change", band), _cell(p, "sum_change_sq", band), _cell(p, "episodes", band)
+def _precise(est: Estimate, kind: str, scale: float = 1.0) -> Estimate:
+    """``est``, or "not estimable at this budget" (with why and what would help) when the
+    DP noise alone makes it too imprecise to act on. ``scale`` turns a relative
+    tolerance into the figure's units (the episode count)."""
+    if est.value is None or not math.isfinite(est.se_noise):
+        return est
+    tol = TOLERANCES[kind] * scale
+    if est.se_noise > NOT_ESTIMABLE_FACTOR * tol:
+        return suppressed(
+            f"not estimable at this budget: the DP noise alone is +/-{Z95 * est.se_noise:.3g} "
+            f"(95%), over {NOT_ESTIMABLE_FACTOR:g} times the clinical tolerance "
+            f"{tol:.3g}; more sites, fewer families or a larger epsilon would narrow it"
+        )
+    return est
+
+
+def _clip(est: Estimate, lo: float, hi: float, what: str) -> Estimate:
+    """A value outside its parameter's range is shown at the nearest end, and says so."""
+    if est.value is None or lo <= est.value <= hi:
+        return est
+    value = min(max(est.value, lo), hi)
+    return dataclasses.replace(
+        est, value=value, bounds=(lo, hi),
+        note=f"the noisy estimate {est.value:.3g} lies outside {what}; shown at {value:g}",
     )
-    if m.value is None:
-        return m
-    if ref.value is None:
-        return suppressed(f"no reference SD: {ref.suppressed}")
-    stats = {
-        "s": _cell(p, "sum_change", band),
-        "n": _cell(p, "episodes", band),
-        "S": _total(p, "sum_intake"),
-        "Q": _total(p, "sum_intake_sq"),
-        "N": _total(p, "episodes"),
+
+
+class _Band:
+    """One band's released sums as independent (value, noise variance) pairs, and the
+    decoding of protocols/layout.py: sum v = (R / m_b + n (lo_b + hi_b)) / 2."""
+
+    def __init__(self, p: Pooled, band: int, col: int = 0) -> None:
+        self.p, self.band, self.col = p, band, col
+
+    def has(self, name: str) -> bool:
+        b = self.p.blocks.get(name)
+        return b is not None and b.spec.released(self.band)
+
+    def stat(self, name: str) -> tuple[float, float]:
+        b = self.p.blocks.get(name)
+        if b is None:  # fixed in every band (see decode)
+            return 0.0, 0.0
+        return float(b.values[self.band, self.col]), float(b.noise_var[self.band, self.col])
+
+    def decode(self, name: str, released: float, n: float) -> float:
+        b = self.p.blocks.get(name)
+        if b is None:
+            # Only the intake's centred sums vanish from a layout, when every band is a
+            # single score: u = 0 for every episode.
+            return 0.0
+        lo, hi = b.spec.raw[self.band]
+        if not b.spec.mult[self.band]:  # fixed by definition in this band: v = lo = hi
+            return n * lo
+        return (released / b.spec.mult[self.band] + n * (lo + hi)) / 2
+
+
+def _moments(band: _Band, x: Mapping[str, float], key: str = "") -> dict[str, float]:
+    """Means, variances and covariance of the centred intake u and final g of a band
+    (from ``x``, the released sums under the names ``n``, ``U``, ``G``, ``UU``, ``GG``,
+    ``UG`` suffixed by ``key``)."""
+    n = x["n" + key]
+    mu = band.decode("sum_intake", x["U" + key], n) / n
+    mg = band.decode("sum_final", x["G" + key], n) / n
+    return {
+        "n": n,
+        "mu": mu,
+        "mg": mg,
+        "vu": band.decode("sum_intake_sq", x["UU" + key], n) / n - mu * mu,
+        "vg": band.decode("sum_final_sq", x["GG" + key], n) / n - mg * mg,
+        "cug": band.decode("sum_intake_final", x["UG" + key], n) / n - mu * mg,
     }
 
-    def f(x: Mapping[str, float]) -> float:
-        ref_sd = math.sqrt(max((x["Q"] - x["S"] ** 2 / x["N"]) / (x["N"] - 1), 1e-12))
-        return x["s"] / x["n"] / ref_sd
 
-    value = m.value / ref.value
-    sampling = math.hypot(m.se_sampling / ref.value, value * ref.se_sampling / ref.value)
-    return Estimate(value, sampling, _noise_se(f, stats))
+_CHANGE_STATS = (("U", "sum_intake"), ("G", "sum_final"), ("UU", "sum_intake_sq"),
+                 ("GG", "sum_final_sq"), ("UG", "sum_intake_final"))
+
+
+def _change_stats(band: _Band, key: str = "") -> dict[str, tuple[float, float]]:
+    out = {"n" + key: band.stat(COUNT_BLOCK)}
+    for short, name in _CHANGE_STATS:
+        out[short + key] = band.stat(name)
+    return out
+
+
+def estimate_all(p: Pooled) -> Tables:
+    study = p.study
+    ins = study.instrument
+    has = set(p.blocks)
+    sign = 1.0 if ins.better is Better.HIGHER else -1.0  # change = sign * (final - intake)
+    centre_g = (ins.lo + ins.hi) / 2
+    ref = _reference_sd(p) if "sum_final" in has else suppressed(
+        "the study has no change family")
+    bands: list[dict[str, Any]] = []
+    for i, (lo, hi) in enumerate(study.bands):
+        band = _Band(p, i)
+        w = hi - lo
+        est: dict[str, Estimate] = {}
+        n, vn = band.stat(COUNT_BLOCK) if COUNT_BLOCK in has else (0.0, 0.0)
+        if COUNT_BLOCK in has:
+            # A noisy count may dip below zero; clipping is post-processing.
+            est["episodes"] = _precise(
+                Estimate(max(n, 0.0), 0.0, math.sqrt(vn), bounds=(0.0, math.inf)),
+                "episodes", max(n, 1.0))
+        problem = _denominator_problem(n, vn)
+        if "sum_final" in has:
+            stats = _change_stats(band)
+
+            def intake_of(
+                x: Mapping[str, float], band: _Band = band, lo: int = lo, w: int = w
+            ) -> float:
+                return float(lo + (w + _moments(band, x)["mu"]) / 2)
+
+            def change_of(
+                x: Mapping[str, float], band: _Band = band, lo: int = lo, w: int = w
+            ) -> float:
+                m = _moments(band, x)
+                return float(sign * ((centre_g + m["mg"] / 2) - (lo + (w + m["mu"]) / 2)))
+
+            def var_change(x: Mapping[str, float], band: _Band = band) -> float:
+                m = _moments(band, x)
+                v = (m["vu"] + m["vg"] - 2 * m["cug"]) / 4
+                return float(v * m["n"] / max(m["n"] - 1, 1.0))
+
+            if problem:
+                for k in ("mean_intake", "mean_change", "sd_change", "effect_size"):
+                    est[k] = suppressed(problem)
+            else:
+                x0 = {k: v for k, (v, _) in stats.items()}
+                v_intake = max(_moments(band, x0)["vu"] / 4, 0.0)
+                v_change = var_change(x0)
+                mi = Estimate(intake_of(x0), math.sqrt(v_intake / n), _noise_se(intake_of, stats))
+                est["mean_intake"] = _precise(
+                    _clip(mi, lo, hi, f"the band {lo}-{hi}"), "mean_intake")
+                mc = Estimate(change_of(x0), math.sqrt(max(v_change, 0.0) / n),
+                              _noise_se(change_of, stats))
+                est["mean_change"] = _precise(
+                    _clip(mc, -(ins.hi - ins.lo), ins.hi - ins.lo, "the instrument's range"),
+                    "mean_change")
+                if v_change <= 0:
+                    est["sd_change"] = suppressed("the noisy sums give no positive spread")
+                else:
+
+                    def sd_of(x: Mapping[str, float]) -> float:
+                        return math.sqrt(max(var_change(x), 1e-12))
+
+                    value = math.sqrt(v_change)
+                    est["sd_change"] = _precise(
+                        Estimate(value, value / math.sqrt(2 * (n - 1)), _noise_se(sd_of, stats),
+                                 bounds=(0.0, math.inf)), "sd_change")
+                est["effect_size"] = _precise(_effect_size(p, mc, change_of, stats, ref),
+                                              "effect_size")
+        if "reliably_improved" in has or any(n_ in has for n_, _ in RATES):
+            for name, label in RATES:
+                if name not in has and not _known_category(study, i, name):
+                    continue
+                est[label] = _category_rate(p, band, name, problem)
+        bands.append({"band": f"{lo}-{hi}", "lo": lo, "hi": hi, "estimates": est})
+    return Tables(
+        bands=bands,
+        quantiles=_quantiles(p) if "change_hist" in has else [],
+        trajectory=_trajectory(p) if "traj_n" in has else [],
+        trajectory_fit=_trajectory_fit(p) if "traj_n" in has else [],
+        regression=_regression(p) if "sum_final" in has else {},
+        reference_sd=ref,
+    )
+
+
+def _known_category(study: Study, band: int, name: str) -> bool:
+    """Whether the categories family is asked (so the category's rate is published)."""
+    return Family.CATEGORIES in study.families
+
+
+def _category_rate(p: Pooled, band: _Band, name: str, problem: str | None) -> Estimate:
+    """A category's rate over its denominator: known by definition where the band fixes
+    it, else decoded from the centred sum (protocols/layout.py)."""
+    study, i = p.study, band.band
+    lo, hi = study.bands[i]
+    ins = study.instrument
+    possible = category_possible(ins, lo, hi, name)
+    cases = category_possible(ins, lo, hi, "case_at_intake")
+    over_cases = name in ("recovered", "reliably_recovered")
+    if over_cases and cases is False:
+        return suppressed(f"no intake in {lo}-{hi} is at caseness (by definition): no rate")
+    if possible is None:
+        return Estimate(1.0, 0.0, 0.0, bounds=(0.0, 1.0),
+                        note=f"1 by definition: every intake in {lo}-{hi} is at caseness")
+    if possible is False:
+        return Estimate(0.0, 0.0, 0.0, bounds=(0.0, 1.0),
+                        note=f"0 by definition: impossible from an intake in {lo}-{hi}")
+    if problem:
+        return suppressed(problem)
+    stats = {"n": band.stat(COUNT_BLOCK), "k": band.stat(name)}
+    if over_cases and cases is True:
+        stats["c"] = band.stat("case_at_intake")
+
+    def denominator(x: Mapping[str, float]) -> float:
+        if "c" in x:
+            return band.decode("case_at_intake", x["c"], x["n"])
+        return x["n"]
+
+    def rate_of(x: Mapping[str, float]) -> float:
+        d = denominator(x)
+        return band.decode(name, x["k"], d) / d if d > 0 else math.nan
+
+    x0 = {k: v for k, (v, _) in stats.items()}
+    d0 = denominator(x0)
+    if over_cases:
+        var_d = _noise_se(denominator, stats) ** 2
+        why = _denominator_problem(d0, var_d, "episodes at caseness")
+        if why:
+            return suppressed(why)
+    raw = rate_of(x0)
+    value = min(max(raw, 0.0), 1.0)
+    est = Estimate(value, math.sqrt(value * (1 - value) / d0), _noise_se(rate_of, stats),
+                   bounds=(0.0, 1.0),
+                   note=None if value == raw else
+                   f"the noisy rate {raw:.3g} lies outside 0-1; shown at {value:g}")
+    return _precise(est, "rate")
+
+
+def _reference_sd(p: Pooled) -> Estimate:
+    """SD of intake over all bands, from the bands' centred sums by the parallel-axis
+    rule: sum x = sum_b (n c_b + sum u / 2), sum x^2 = sum_b (n c_b^2 + c_b sum u + sum u^2 / 4)
+    with c_b the band's centre (u = 2 (x - c_b))."""
+    stats: dict[str, tuple[float, float]] = {}
+    bands = [_Band(p, i) for i in range(len(p.study.bands))]
+    for i, b in enumerate(bands):
+        stats |= _change_stats(b, str(i))
+    centres = [(lo + hi) / 2 for lo, hi in p.study.bands]
+
+    def parts(x: Mapping[str, float]) -> tuple[float, float, float]:
+        n = sx = sxx = 0.0
+        for i, b in enumerate(bands):
+            k = str(i)
+            nb = x["n" + k]
+            su = b.decode("sum_intake", x["U" + k], nb)
+            suu = b.decode("sum_intake_sq", x["UU" + k], nb)
+            c = centres[i]
+            n += nb
+            sx += nb * c + su / 2
+            sxx += nb * c * c + c * su + suu / 4
+        return n, sx, sxx
+
+    def sd_of(x: Mapping[str, float]) -> float:
+        n, sx, sxx = parts(x)
+        return math.sqrt(max((sxx - sx * sx / n) / (n - 1), 1e-12))
+
+    x0 = {k: v for k, (v, _) in stats.items()}
+    n, sx, sxx = parts(x0)
+    problem = _denominator_problem(n, sum(v for k, (_, v) in stats.items() if k[0] == "n"))
+    if problem:
+        return suppressed(problem)
+    var = (sxx - sx * sx / n) / (n - 1)
+    if var <= 0:
+        return suppressed("the noisy sums give no positive spread")
+    value = math.sqrt(var)
+    return _precise(Estimate(value, value / math.sqrt(2 * (n - 1)), _noise_se(sd_of, stats),
+                             bounds=(0.0, math.inf)), "reference_sd")
+
+
+def _effect_size(
+    p: Pooled,
+    mc: Estimate,
+    change_of: Callable[[Mapping[str, float]], float],
+    stats: Stats,
+    ref: Estimate,
+) -> Estimate:
+    """Mean change in the band / SD of intake over all bands (one reference SD for every
+    band, so that bands compare; a within-band SD would inflate narrow bands). The noise
+    of the reference SD is added as independent of the band's (it pools every band)."""
+    if mc.value is None:
+        return mc
+    if ref.value is None:
+        return suppressed(f"no reference SD: {ref.suppressed}")
+    value = mc.value / ref.value
+    sampling = math.hypot(mc.se_sampling / ref.value, value * ref.se_sampling / ref.value)
+    noise = math.hypot(mc.se_noise / ref.value, value * ref.se_noise / ref.value)
+    return Estimate(value, sampling, noise)
 
 
 def _quantiles(p: Pooled) -> list[dict[str, Any]]:
-    """Change quantiles from the noisy histogram; the interval inverts the CDF's interval."""
+    """Change quantiles from the noisy band-local histogram; the interval inverts the
+    CDF's interval."""
     block = p.blocks["change_hist"]
-    w = (block.spec.width - 1) // 2
-    changes = np.arange(-w, w + 1)
     rows: list[dict[str, Any]] = []
     for i, (lo, hi) in enumerate(p.study.bands):
-        counts = np.clip(block.values[i], 0, None)
-        var = block.noise_var[i]
+        c_lo, c_hi = block.spec.raw[i]
+        bins = c_hi - c_lo + 1
+        changes = np.arange(c_lo, c_hi + 1)
+        counts = np.clip(block.values[i, :bins], 0, None)
+        var = block.noise_var[i, :bins]
         total = float(counts.sum())
         problem = _denominator_problem(total, float(var.sum()))
         cum = np.cumsum(counts)
 
-        def at(q: float, cum: np.ndarray = cum, total: float = total) -> float:
+        def at(q: float, cum: np.ndarray = cum, total: float = total,
+               changes: np.ndarray = changes) -> float:
             return float(changes[min(int(np.searchsorted(cum, q * total)), changes.size - 1)])
 
         for q in QUANTILES:
             if problem:
-                est = suppressed(problem)
-            else:
-                j = int(np.searchsorted(cum, q * total))
-                below, above = float(var[: j + 1].sum()), float(var[j + 1 :].sum())
-                f_var = q * (1 - q) / total + ((1 - q) ** 2 * below + q * q * above) / total**2
-                half = Z95 * math.sqrt(f_var)
-                lo_q, hi_q = at(max(q - half, 0.0)), at(min(q + half, 1.0))
-                est = Estimate(at(q), (hi_q - lo_q) / (2 * Z95), 0.0)
-                rows.append(
-                    {"band": f"{lo}-{hi}", "quantile": q, **est.as_json(), "ci95": [lo_q, hi_q]}
-                )
+                rows.append({"band": f"{lo}-{hi}", "quantile": q, **suppressed(problem).as_json()})
                 continue
-            rows.append({"band": f"{lo}-{hi}", "quantile": q, **est.as_json()})
+            j = int(np.searchsorted(cum, q * total))
+            below, above = float(var[: j + 1].sum()), float(var[j + 1 :].sum())
+            noise_var = ((1 - q) ** 2 * below + q * q * above) / total**2
+            f_var = q * (1 - q) / total + noise_var
+            half = Z95 * math.sqrt(f_var)
+            lo_q, hi_q = at(max(q - half, 0.0)), at(min(q + half, 1.0))
+            half_noise = Z95 * math.sqrt(noise_var)
+            lo_n, hi_n = at(max(q - half_noise, 0.0)), at(min(q + half_noise, 1.0))
+            est = _precise(
+                Estimate(at(q), (hi_q - lo_q) / (2 * Z95), (hi_n - lo_n) / (2 * Z95)), "quantile")
+            doc = {"band": f"{lo}-{hi}", "quantile": q, **est.as_json()}
+            if est.value is not None:
+                doc["ci95"] = [lo_q, hi_q]
+            rows.append(doc)
     return rows
 
 
-def _trajectory(p: Pooled, sign: float) -> list[dict[str, Any]]:
-    """Mean change from intake at each session, with the interval of the mean and a
-    tolerance band (mean +/- 1.96 SD) for individual clients."""
+def _group_x(first: int, last: int) -> float:
+    """A review group's position on the ln(session) axis: the mean of its sessions'."""
+    return sum(math.log(s) for s in range(first, last + 1)) / (last - first + 1)
+
+
+def _trajectory_means(p: Pooled, i: int) -> list[tuple[tuple[int, int], Estimate, Estimate]]:
+    """Per review group of band ``i``: (group, mean change, SD of change)."""
+    out = []
+    for k, group in enumerate(trajectory_groups(p.study.max_session)):
+        band = _Band(p, i, k)
+        stats = {"n": band.stat("traj_n"), "s": band.stat("traj_sum"),
+                 "q": band.stat("traj_sum_sq")}
+        c_lo, c_hi = p.blocks["traj_sum"].spec.raw[i]
+        mid = c_lo + c_hi
+
+        def mean_of(x: Mapping[str, float], band: _Band = band) -> float:
+            return band.decode("traj_sum", x["s"], x["n"]) / x["n"]
+
+        def var_of(x: Mapping[str, float], band: _Band = band, mid: int = mid) -> float:
+            m2 = band.decode("traj_sum_sq", x["q"], x["n"]) / x["n"]  # mean of (2c - mid)^2
+            m1 = 2 * mean_of(x) - mid
+            return (m2 - m1 * m1) / 4 * x["n"] / max(x["n"] - 1, 1.0)
+
+        n, vn = stats["n"]
+        problem = _denominator_problem(n, vn, "clients")
+        if problem:
+            out.append((group, suppressed(problem), suppressed(problem)))
+            continue
+        x0 = {k_: v for k_, (v, _) in stats.items()}
+        var = var_of(x0)
+        m = Estimate(mean_of(x0), math.sqrt(max(var, 0.0) / n), _noise_se(mean_of, stats))
+        m = _precise(_clip(m, c_lo, c_hi, "the change the band allows"), "trajectory_mean")
+        if var <= 0:
+            spread = suppressed("the noisy sums give no positive spread")
+        else:
+
+            def sd_of(x: Mapping[str, float]) -> float:
+                return math.sqrt(max(var_of(x), 1e-12))
+
+            value = math.sqrt(var)
+            spread = _precise(Estimate(value, value / math.sqrt(2 * (n - 1)),
+                                       _noise_se(sd_of, stats), bounds=(0.0, math.inf)),
+                              "trajectory_sd")
+        out.append((group, m, spread))
+    return out
+
+
+def _trajectory(p: Pooled) -> list[dict[str, Any]]:
+    """Mean change from intake at each review group, with the interval of the mean and a
+    tolerance band (mean +/- 1.96 SD) for individual clients. Session 1 is the intake:
+    its change is 0 by definition and is not listed."""
     rows: list[dict[str, Any]] = []
     for i, (lo, hi) in enumerate(p.study.bands):
-        for k in range(p.study.max_session):
-            n_ = _cell(p, "traj_n", i, k)
-            s_ = _cell(p, "traj_sum", i, k)
-            q_ = _cell(p, "traj_sum_sq", i, k)
-            m = mean(s_, q_, n_, sign)
-            spread = sd(s_, q_, n_)
+        for k, ((first, last), m, spread) in enumerate(_trajectory_means(p, i)):
             tol = None
             if m.value is not None and spread.value is not None:
                 tol = [_round(m.value - Z95 * spread.value), _round(m.value + Z95 * spread.value)]
             rows.append(
                 {
                     "band": f"{lo}-{hi}",
-                    "session": k + 1,
-                    "clients": _round(n_[0]),
+                    "session": last,
+                    "first": first,
+                    "last": last,
+                    "sessions": str(first) if first == last else f"{first}-{last}",
+                    "clients": _round(float(p.blocks["traj_n"].values[i, k])),
                     "mean_change": m.as_json(),
+                    "sd_change": spread.as_json(),
                     "tolerance95": tol,
                 }
             )
     return rows
 
 
-def _trajectory_fit(p: Pooled, sign: float) -> list[dict[str, Any]]:
-    """Weighted least squares of mean change on ln(session) per band, weights 1/variance,
-    with intervals that hold whatever the (nonnegative) correlation of the session means:
-    see :func:`_fit_log_curve`."""
+def _trajectory_fit(p: Pooled) -> list[dict[str, Any]]:
+    """Weighted least squares of mean change on ln(session) per band (each review group at
+    the mean ln of its sessions), weights 1/variance, with intervals that hold whatever
+    the (nonnegative) correlation of the group means: see :func:`_fit_log_curve`."""
     rows: list[dict[str, Any]] = []
     for i, (lo, hi) in enumerate(p.study.bands):
         xs: list[float] = []
         means: list[Estimate] = []
-        for k in range(p.study.max_session):
-            m = mean(
-                _cell(p, "traj_sum", i, k),
-                _cell(p, "traj_sum_sq", i, k),
-                _cell(p, "traj_n", i, k),
-                sign,
-            )
+        for (first, last), m, _ in _trajectory_means(p, i):
             if m.value is not None and m.se > 0:
-                xs.append(math.log(k + 1))
+                xs.append(_group_x(first, last))
                 means.append(m)
         a_est, b_est = _fit_log_curve(xs, means)
         rows.append(
             {
                 "band": f"{lo}-{hi}",
                 "sessions_used": len(xs),
-                "a": a_est.as_json(),
-                "b": b_est.as_json(),
+                "a": _precise(a_est, "fit").as_json(),
+                "b": _precise(b_est, "fit").as_json(),
             }
         )
     return rows
@@ -388,47 +654,86 @@ def _fit_log_curve(xs: list[float], means: list[Estimate]) -> tuple[Estimate, Es
 
 
 def _regression(p: Pooled) -> dict[str, Any]:
-    """Change on intake over all bands: expected change = intercept + slope * intake."""
-    stats = {
-        "n": _total(p, "episodes"),
-        "x": _total(p, "sum_intake"),
-        "y": _total(p, "sum_change"),
-        "xx": _total(p, "sum_intake_sq"),
-        "xy": _total(p, "sum_intake_change"),
-        "yy": _total(p, "sum_change_sq"),
-    }
-    n = stats["n"][0]
-    problem = _denominator_problem(*stats["n"])
-    if problem:
-        return {k: suppressed(problem).as_json() for k in ("intercept", "slope", "residual_sd")}
+    """Change on intake over all bands: expected change = intercept + slope * intake, from
+    the bands' centred sums by the parallel-axis rule (x = c_b + u / 2, f = C + g / 2)."""
+    study = p.study
+    ins = study.instrument
+    sign = 1.0 if ins.better is Better.HIGHER else -1.0
+    big_c = (ins.lo + ins.hi) / 2
+    bands = [_Band(p, i) for i in range(len(study.bands))]
+    centres = [(lo + hi) / 2 for lo, hi in study.bands]
+    stats: dict[str, tuple[float, float]] = {}
+    for i, b in enumerate(bands):
+        stats |= _change_stats(b, str(i))
+
+    def sums(v: Mapping[str, float]) -> dict[str, float]:
+        t = dict.fromkeys(("n", "x", "f", "xx", "ff", "xf"), 0.0)
+        for i, b in enumerate(bands):
+            k = str(i)
+            n = v["n" + k]
+            su = b.decode("sum_intake", v["U" + k], n)
+            sg = b.decode("sum_final", v["G" + k], n)
+            suu = b.decode("sum_intake_sq", v["UU" + k], n)
+            sgg = b.decode("sum_final_sq", v["GG" + k], n)
+            sug = b.decode("sum_intake_final", v["UG" + k], n)
+            c = centres[i]
+            t["n"] += n
+            t["x"] += n * c + su / 2
+            t["f"] += n * big_c + sg / 2
+            t["xx"] += n * c * c + c * su + suu / 4
+            t["ff"] += n * big_c * big_c + big_c * sg + sgg / 4
+            t["xf"] += n * c * big_c + c * sg / 2 + big_c * su / 2 + sug / 4
+        # y = change = sign * (f - x)
+        t["y"] = sign * (t["f"] - t["x"])
+        t["xy"] = sign * (t["xf"] - t["xx"])
+        t["yy"] = t["ff"] - 2 * t["xf"] + t["xx"]
+        return t
 
     def parts(v: Mapping[str, float]) -> tuple[float, float, float]:
-        sxx = v["xx"] - v["x"] ** 2 / v["n"]
-        sxy = v["xy"] - v["x"] * v["y"] / v["n"]
-        syy = v["yy"] - v["y"] ** 2 / v["n"]
+        t = sums(v)
+        n = t["n"]
+        sxx = t["xx"] - t["x"] ** 2 / n
+        sxy = t["xy"] - t["x"] * t["y"] / n
+        syy = t["yy"] - t["y"] ** 2 / n
         slope = sxy / sxx
-        intercept = (v["y"] - slope * v["x"]) / v["n"]
-        resid = math.sqrt(max((syy - slope * sxy) / (v["n"] - 2), 0.0))
+        intercept = (t["y"] - slope * t["x"]) / n
+        resid = math.sqrt(max((syy - slope * sxy) / (n - 2), 1e-12))
         return intercept, slope, resid
 
+    names = ("intercept", "slope", "residual_sd")
     x0 = {k: v for k, (v, _) in stats.items()}
-    if x0["xx"] - x0["x"] ** 2 / n <= 0 or n <= 2:
+    t0 = sums(x0)
+    n = t0["n"]
+    problem = _denominator_problem(n, sum(v for k, (_, v) in stats.items() if k[0] == "n"))
+    if problem:
+        return {k: suppressed(problem).as_json() for k in names}
+    sxx = t0["xx"] - t0["x"] ** 2 / n
+    if sxx <= 0 or n <= 2:
         reason = "the noisy sums show no spread in intake"
-        return {k: suppressed(reason).as_json() for k in ("intercept", "slope", "residual_sd")}
+        return {k: suppressed(reason).as_json() for k in names}
+    sxy = t0["xy"] - t0["x"] * t0["y"] / n
+    syy = t0["yy"] - t0["y"] ** 2 / n
     values = parts(x0)
-    resid = values[2]
-    sxx = x0["xx"] - x0["x"] ** 2 / n
-    mean_x = x0["x"] / n
+    resid_var = (syy - values[1] * sxy) / (n - 2)
+    mean_x = t0["x"] / n
+    out: dict[str, Any] = {"episodes": _round(n), "mean_intake": _round(mean_x)}
+    if resid_var <= 0:
+        out["residual_sd"] = suppressed("the noisy sums give no positive residual spread"
+                                        ).as_json()
+    resid = math.sqrt(max(resid_var, 0.0))
     sampling = (
         resid * math.sqrt(1 / n + mean_x**2 / sxx),
         resid / math.sqrt(sxx),
         resid / math.sqrt(2 * (n - 2)),
     )
-    out: dict[str, Any] = {"episodes": _round(n), "mean_intake": _round(mean_x)}
-    for j, name in enumerate(("intercept", "slope", "residual_sd")):
+    for j, name in enumerate(names):
+        if name in out:
+            continue
 
         def component(v: Mapping[str, float], j: int = j) -> float:
             return parts(v)[j]
 
-        out[name] = Estimate(values[j], sampling[j], _noise_se(component, stats)).as_json()
+        est = Estimate(values[j], sampling[j], _noise_se(component, stats),
+                       bounds=(0.0, math.inf) if name == "residual_sd" else (-math.inf, math.inf))
+        out[name] = _precise(est, name).as_json()
     return out

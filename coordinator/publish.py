@@ -32,13 +32,19 @@ from coordinator import crypto
 from coordinator.estimates import MAX_DENOMINATOR_NOISE, MIN_EPISODES, Tables
 from coordinator.pooling import Pooled, Rejection
 from coordinator.report import render_report
-from protocols.bundle import MANIFEST, check_files, read_manifest
+from protocols.bundle import (
+    BENCHMARK_FORMAT,
+    BENCHMARK_VERSION,
+    MANIFEST,
+    check_files,
+    read_manifest,
+)
 from protocols.errors import SpecError
+from protocols.layout import LAYOUT_VERSION
 from protocols.release import canonical_json
 
 __all__ = ["BENCHMARK_FORMAT", "MANIFEST", "benchmark_document", "verify_bundle", "write_bundle"]
 
-BENCHMARK_FORMAT = "outcomebench.benchmark"
 
 METHODS = (
     "Each site released, under differential privacy, integer sums per intake band "
@@ -79,7 +85,8 @@ def benchmark_document(
     ins = study.instrument
     return {
         "format": BENCHMARK_FORMAT,
-        "version": 1,
+        "version": BENCHMARK_VERSION,
+        "layout_version": LAYOUT_VERSION,
         "created": (created or dt.datetime.now(dt.UTC)).replace(microsecond=0).isoformat(),
         "study": study.canonical(),
         "study_hash": study.hash,

@@ -11,9 +11,13 @@ from pathlib import Path
 from protocols.errors import SpecError
 from protocols.release import Envelope, parse_envelope
 
-__all__ = ["MANIFEST", "check_files", "read_manifest"]
+__all__ = ["BENCHMARK_FORMAT", "BENCHMARK_VERSION", "MANIFEST", "check_files", "read_manifest"]
 
 MANIFEST = "MANIFEST.json"
+BENCHMARK_FORMAT = "outcomebench.benchmark"
+BENCHMARK_VERSION = 2
+"""2: figures from layout version 2 (review groups, figures known by definition, not
+estimable at this budget); the document says which layout made it (``layout_version``)."""
 
 
 def read_manifest(bundle: Path) -> Envelope:

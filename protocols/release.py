@@ -49,7 +49,9 @@ __all__ = [
 ]
 
 RELEASE_FORMAT = "outcomebench.release"
-RELEASE_VERSION = 1
+RELEASE_VERSION = 2
+"""2: layout version 2 (centred, band-local blocks; protocols/layout.py). A release of an
+earlier version is refused with the fix: the site runs an older outcomebench."""
 
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 """The gRPC message limit between bridge and agent: nothing larger can cross anyway."""
@@ -266,9 +268,16 @@ class SiteRelease:
         and range-checked. MalformedDocument on the first problem."""
         r = _Reader("release")
         top = r.mapping(doc, "release")
-        if top.get("format") != RELEASE_FORMAT or top.get("version") != RELEASE_VERSION:
+        if top.get("format") != RELEASE_FORMAT:
+            raise MalformedDocument("release", f"expected format {RELEASE_FORMAT}")
+        if top.get("version") != RELEASE_VERSION:
+            got = top.get("version")
             raise MalformedDocument(
-                "release", f"expected format {RELEASE_FORMAT} version {RELEASE_VERSION}"
+                "release",
+                f"version {got if isinstance(got, int) and not isinstance(got, bool) else '?'}"
+                f" of the release format, this coordinator reads version {RELEASE_VERSION} "
+                "(the statistics layout changed): the site must update outcomebench and "
+                "answer the study again",
             )
         p = r.mapping(r.field(top, "privacy", "release"), "release.privacy")
         raw_blocks = r.field(top, "blocks", "release")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from protocols.bundle import check_files, read_manifest
+from protocols.bundle import BENCHMARK_FORMAT, BENCHMARK_VERSION, check_files, read_manifest
 from protocols.errors import SpecError
 from site_agent import crypto
 from site_agent.config import SiteConfig
@@ -60,8 +60,13 @@ def load_benchmark(bundle: Path, keys: Iterable[Path]) -> dict[str, Any]:
         doc: dict[str, Any] = json.loads((bundle / "benchmark.json").read_text("utf-8"))
     except (OSError, ValueError):
         raise SpecError(str(bundle), [f"{bundle}: benchmark.json unreadable"]) from None
-    if doc.get("format") != "outcomebench.benchmark" or doc.get("version") != 1:
-        raise SpecError(str(bundle), [f"{bundle}: not an outcomebench benchmark version 1"])
+    if doc.get("format") != BENCHMARK_FORMAT:
+        raise SpecError(str(bundle), [f"{bundle}: not an outcomebench benchmark"])
+    if doc.get("version") != BENCHMARK_VERSION:
+        raise SpecError(str(bundle), [
+            f"{bundle}: benchmark version {str(doc.get('version'))[:20]}, this site reads "
+            f"version {BENCHMARK_VERSION}: ask the network for a bundle made by the current "
+            "outcomebench, or update outcomebench here"])
     return doc
 
 

@@ -25,7 +25,14 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from protocols.layout import BlockSpec, block_layout
+from protocols.instruments import Better
+from protocols.layout import (
+    COUNT_BLOCK,
+    BlockSpec,
+    block_layout,
+    change_bounds,
+    trajectory_groups,
+)
 from protocols.study import Study
 from site_agent.outcomes import MISSING, Episodes, Reliable
 
@@ -125,7 +132,8 @@ def empty_blocks(study: Study) -> dict[str, npt.NDArray[np.int64]]:
 
 
 def exact_blocks(sel: Selection, study: Study) -> dict[str, npt.NDArray[np.int64]]:
-    """Every block of the study's layout as an exact integer vector (band-major)."""
+    """Every block of the study's layout as an exact integer vector (band-major), each
+    value encoded as protocols/layout.py says (centred, band-local, times m_b)."""
     layout = block_layout(study)
     nb = len(study.bands)
     if sel.band.size and (int(sel.band.min()) < 0 or int(sel.band.max()) >= nb):
@@ -140,45 +148,73 @@ def exact_blocks(sel: Selection, study: Study) -> dict[str, npt.NDArray[np.int64
             counts=sel.counts,
         )
     t = sel.table
+    ins = study.instrument
+    band = sel.band
     # Episodes are sorted by band (select_episodes), so each band is one slice.
-    bounds = np.searchsorted(sel.band, np.arange(nb + 1)).astype(np.int64)
+    bounds = np.searchsorted(band, np.arange(nb + 1)).astype(np.int64)
+    band_lo = np.array([b[0] for b in study.bands], dtype=np.int64)[band]
+    band_w = np.array([b[1] - b[0] for b in study.bands], dtype=np.int64)[band]
     intake = t["intake"].to_numpy(np.int64)
+    final = t["final"].to_numpy(np.int64)
     change = t["change"].to_numpy(np.int64)
     reliable = t["reliable"].to_numpy()
-    per_episode: dict[str, Callable[[], npt.NDArray[np.int64]]] = {
-        "episodes": lambda: np.ones(len(t), dtype=np.int64),
-        "sum_intake": lambda: intake,
-        "sum_final": lambda: t["final"].to_numpy(np.int64),
-        "sum_change": lambda: change,
-        "sum_change_sq": lambda: change * change,
-        "sum_intake_sq": lambda: intake * intake,
-        "sum_intake_change": lambda: intake * change,
+    case = t["case_start"].to_numpy(bool)
+    u = 2 * (intake - band_lo) - band_w
+    g = 2 * final - (ins.lo + ins.hi)
+    raw: dict[str, Callable[[], npt.NDArray[np.int64]]] = {
+        "sum_intake": lambda: u,
+        "sum_final": lambda: g,
+        "sum_intake_sq": lambda: u * u,
+        "sum_final_sq": lambda: g * g,
+        "sum_intake_final": lambda: u * g,
         "reliably_improved": lambda: (reliable == Reliable.IMPROVED).astype(np.int64),
         "reliably_deteriorated": lambda: (reliable == Reliable.DETERIORATED).astype(np.int64),
         "recovered": lambda: t["recovered"].to_numpy(np.int64),
         "reliably_recovered": lambda: t["reliably_recovered"].to_numpy(np.int64),
-        "case_at_intake": lambda: t["case_start"].to_numpy(np.int64),
+        "case_at_intake": lambda: case.astype(np.int64),
         "response": lambda: t["response"].to_numpy(np.int64),
         "remission": lambda: t["remission"].to_numpy(np.int64),
     }
     names = {spec.name for spec in layout}
     traj: dict[str, npt.NDArray[np.int64]] = {}
     if names & {"traj_n", "traj_sum", "traj_sum_sq"}:
-        traj = _trajectory_sums(sel, layout, bounds, intake)
+        traj = _trajectory_sums(sel, layout, bounds, intake, study)
     out: dict[str, npt.NDArray[np.int64]] = {}
     for spec in layout:
-        if spec.name in per_episode:
-            clipped = np.clip(per_episode[spec.name](), spec.lo, spec.hi)
-            out[spec.name] = _band_sums(bounds, clipped)
+        if spec.name == COUNT_BLOCK:
+            out[spec.name] = _band_sums(bounds, np.ones(len(t), dtype=np.int64))
+        elif spec.name in raw:
+            mask = case if spec.over == "cases" else None
+            out[spec.name] = _band_sums(bounds, _encode(spec, band, raw[spec.name](), mask))
         elif spec.name in traj:
             out[spec.name] = traj[spec.name]
         elif spec.name == "change_hist":
-            w = (spec.width - 1) // 2
-            cell = sel.band * spec.width + np.clip(change, -w, w) + w
+            c_lo = np.array([r[0] for r in spec.raw], dtype=np.int64)
+            c_hi = np.array([r[1] for r in spec.raw], dtype=np.int64)
+            bins = np.clip(change, c_lo[band], c_hi[band]) - c_lo[band]
+            cell = band * spec.width + bins
             out[spec.name] = np.bincount(cell, minlength=spec.size).astype(np.int64)
         else:
             raise KeyError(f"no statistic for block {spec.name}")  # a bug: layout drifted
     return out
+
+
+def _encode(
+    spec: BlockSpec,
+    band: npt.NDArray[np.int64],
+    values: npt.NDArray[np.int64],
+    mask: npt.NDArray[np.bool_] | None = None,
+) -> npt.NDArray[np.int64]:
+    """m_b * (2 v - (lo_b + hi_b)) with v clipped to the band's bounds (never binding
+    for honest values; it makes the sensitivity hold for any input); 0 where the band's
+    value is fixed (m_b = 0) or the episode is outside the block's denominator."""
+    lo = np.array([r[0] for r in spec.raw], dtype=np.int64)[band]
+    hi = np.array([r[1] for r in spec.raw], dtype=np.int64)[band]
+    mult = np.array(spec.mult, dtype=np.int64)[band]
+    enc = mult * (2 * np.clip(values, lo, hi) - (lo + hi))
+    if mask is not None:
+        enc = np.where(mask, enc, 0)
+    return enc
 
 
 def _trajectory_sums(
@@ -186,19 +222,36 @@ def _trajectory_sums(
     layout: tuple[BlockSpec, ...],
     bounds: npt.NDArray[np.int64],
     intake: npt.NDArray[np.int64],
+    study: Study,
 ) -> dict[str, npt.NDArray[np.int64]]:
-    """traj_n, traj_sum and traj_sum_sq from one pass over the session matrix."""
+    """traj_n, traj_sum and traj_sum_sq at the review groups: each client's change from
+    intake (positive = improvement) at the latest session of each group it was scored at."""
     spec = {b.name: b for b in layout}
-    present = sel.trajectory != MISSING
-    # int32 is ample: differences are bounded by the range, their squares by its square.
-    diff = np.where(present, sel.trajectory - intake[:, None].astype(np.int32), 0)
+    groups = trajectory_groups(study.max_session)
+    n, g = sel.trajectory.shape[0], len(groups)
+    present = np.zeros((n, g), dtype=bool)
+    score = np.zeros((n, g), dtype=np.int64)
+    for k, (first, last) in enumerate(groups):
+        block = sel.trajectory[:, first - 1 : last]
+        seen = block != MISSING
+        # The latest scored session of the group: the last True of each row.
+        latest = block.shape[1] - 1 - np.argmax(seen[:, ::-1], axis=1)
+        present[:, k] = seen.any(axis=1)
+        score[:, k] = block[np.arange(n), latest]
+    diff = score - intake[:, None]
+    change = -diff if study.instrument.better is Better.LOWER else diff
+    band = np.repeat(sel.band, g)
     out: dict[str, npt.NDArray[np.int64]] = {}
     if "traj_n" in spec:
-        out["traj_n"] = _band_sums(bounds, present).reshape(-1)
+        out["traj_n"] = _band_sums(bounds, present.astype(np.int64)).reshape(-1)
     if "traj_sum" in spec:
-        s = spec["traj_sum"]
-        out["traj_sum"] = _band_sums(bounds, np.clip(diff, s.lo, s.hi)).reshape(-1)
+        enc = _encode(spec["traj_sum"], band, change.reshape(-1), present.reshape(-1))
+        out["traj_sum"] = _band_sums(bounds, enc.reshape(n, g)).reshape(-1)
     if "traj_sum_sq" in spec:
-        s = spec["traj_sum_sq"]
-        out["traj_sum_sq"] = _band_sums(bounds, np.clip(diff * diff, s.lo, s.hi)).reshape(-1)
+        bounds_c = [change_bounds(study.instrument, lo, hi) for lo, hi in study.bands]
+        c_mid = np.array([lo + hi for lo, hi in bounds_c], dtype=np.int64)
+        centred = 2 * change - c_mid[sel.band][:, None]
+        enc = _encode(spec["traj_sum_sq"], band, (centred * centred).reshape(-1),
+                      present.reshape(-1))
+        out["traj_sum_sq"] = _band_sums(bounds, enc.reshape(n, g)).reshape(-1)
     return out

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,19 +70,76 @@ def test_sd_suppressed_when_noise_makes_it_negative() -> None:
     assert sd((1000.0, 1.0), (10.0, 1.0), (100.0, 1.0)).value is None
 
 
-def test_estimate_all_on_exact_sums() -> None:
-    study = _study(["counts", "change", "categories"])
-    n = np.array([[100], [200], [0], [50]], float)
-    change = np.array([[0], [400], [0], [400]], float)  # means 0, 2, -, 8
-    fill = {"episodes": n, "sum_change": change, "sum_change_sq": change * 10 + n,
-            "sum_intake": n * 5, "sum_intake_sq": n * 30, "reliably_improved": n / 2,
-            "case_at_intake": n, "recovered": n / 4}
-    tables = estimate_all(_pooled(study, fill, 0.0))
-    means = [b["estimates"]["mean_change"].value for b in tables.bands]
-    assert means[0] == pytest.approx(0) and means[1] == pytest.approx(2)
-    assert means[2] is None and means[3] == pytest.approx(8)
-    assert tables.bands[1]["estimates"]["reliable_improvement_rate"].value == pytest.approx(0.5)
-    assert tables.bands[1]["estimates"]["recovery_rate"].value == pytest.approx(0.25)
+def test_estimate_all_on_exact_sums_is_the_exact_union(tmp_path: Path) -> None:
+    """Without noise every published figure is the exact figure computed directly from
+    the episodes (pandas/numpy here, independent of the layout's encoding)."""
+    from coordinator.synth import synthesize  # noqa: PLC0415
+    from site_agent.config import load_site_config  # noqa: PLC0415
+    from site_agent.data import read_intake  # noqa: PLC0415
+    from site_agent.outcomes import MISSING, derive_episodes  # noqa: PLC0415
+    from site_agent.privacy.statistics import exact_blocks, select_episodes  # noqa: PLC0415
+
+    study = parse_study({"id": "s", "instrument": "PHQ-9",
+                         "window": {"start": "2020-01-01", "end": "2030-12-31"},
+                         "bands": [[0, 7], [8, 12], [13, 19], [20, 27]],
+                         "families": ["counts", "change", "categories", "trajectory",
+                                      "histogram"],
+                         "max_session": 20, "privacy": {"rho": 0.1}})
+    [site] = synthesize(1, tmp_path, seed=3, clients_range=(2500, 2600))
+    cfg = load_site_config(site.config_path)
+    ep = derive_episodes(read_intake(cfg.data, cfg.instruments).records, cfg.instruments,
+                         20)["PHQ-9"]
+    sel = select_episodes(ep, study, 1)
+    tables = estimate_all(_pooled(study, exact_blocks(sel, study), 0.0))
+    t, band = sel.table, sel.band
+    x, change = t["intake"].to_numpy(float), t["change"].to_numpy(float)
+    for i, row in enumerate(tables.bands):
+        est, mine = row["estimates"], band == i
+        assert est["episodes"].value == mine.sum()
+        assert est["mean_intake"].value == pytest.approx(x[mine].mean())
+        assert est["mean_change"].value == pytest.approx(change[mine].mean())
+        assert est["sd_change"].value == pytest.approx(change[mine].std(ddof=1))
+        assert est["effect_size"].value == pytest.approx(change[mine].mean() / x.std(ddof=1))
+        rel = t["reliable"].to_numpy()[mine]
+        assert est["reliable_improvement_rate"].value == pytest.approx((rel == 1).mean())
+        cases = t["case_start"].to_numpy(bool)[mine]
+        rec = t["recovered"].to_numpy(bool)[mine]
+        if cases.any():
+            assert est["recovery_rate"].value == pytest.approx(rec[cases].mean())
+        else:
+            assert est["recovery_rate"].value is None and "by definition" in str(
+                est["recovery_rate"].suppressed)
+        assert est["case_at_intake_rate"].value == pytest.approx(cases.mean())
+        assert est["remission_rate"].value == pytest.approx(
+            t["remission"].to_numpy(bool)[mine].mean())
+    assert tables.bands[0]["estimates"]["case_at_intake_rate"].note  # 0 by definition
+    assert tables.reference_sd.value == pytest.approx(x.std(ddof=1))
+    slope, intercept = np.polyfit(x, change, 1)
+    reg = tables.regression
+    assert reg["slope"]["value"] == pytest.approx(slope, rel=1e-5)
+    assert reg["intercept"]["value"] == pytest.approx(intercept, rel=1e-5, abs=1e-4)
+    resid = change - (intercept + slope * x)
+    assert reg["residual_sd"]["value"] == pytest.approx(
+        math.sqrt((resid**2).sum() / (x.size - 2)), rel=1e-5)
+    medians = {r["band"]: r["value"] for r in tables.quantiles if r["quantile"] == 0.5}
+    for i, (lo, hi) in enumerate(study.bands):
+        c = np.sort(change[band == i])
+        assert medians[f"{lo}-{hi}"] == c[int(np.ceil(0.5 * c.size)) - 1]
+    # Review groups: the change at the latest scored session of each group.
+    traj = sel.trajectory
+    for r in tables.trajectory:
+        if r["mean_change"]["value"] is None:
+            continue
+        i = [f"{lo}-{hi}" for lo, hi in study.bands].index(r["band"])
+        block = traj[band == i][:, r["first"] - 1 : r["last"]]
+        seen = block != MISSING
+        has = seen.any(axis=1)
+        latest = block.shape[1] - 1 - np.argmax(seen[:, ::-1], axis=1)
+        score = block[np.arange(block.shape[0]), latest][has]
+        expected = (x[band == i][has] - score).mean()  # PHQ-9: improvement = intake - score
+        assert r["clients"] == has.sum()
+        assert r["mean_change"]["value"] == pytest.approx(expected, rel=1e-5), r["sessions"]
+    assert sum(r["mean_change"]["value"] is not None for r in tables.trajectory) >= 20
 
 
 _values = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)

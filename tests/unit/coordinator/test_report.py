@@ -14,6 +14,7 @@ from html.parser import HTMLParser
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from coordinator.estimates import estimate_all
@@ -23,6 +24,8 @@ from coordinator.report import render_report
 from protocols.layout import block_layout
 from protocols.release import SiteRelease
 from protocols.study import Study, parse_study
+from site_agent.outcomes import MISSING
+from site_agent.privacy.statistics import Selection, exact_blocks
 
 MINUS = "\u2212"
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
@@ -177,35 +180,37 @@ def _pipeline_doc(sizes: tuple[int, ...] = (400, 300, 200, 12), k: int = 6) -> d
         "families": ["counts", "change", "categories", "trajectory", "histogram"],
         "max_session": k, "privacy": {"rho": 1}})
     layout = block_layout(study)
-    values = {b.name: np.zeros((b.n_bands, b.width)) for b in layout}
     rng = np.random.default_rng(20260101)
+    frames, trajectories, bands = [], [], []
     for i, ((lo, hi), n) in enumerate(zip(study.bands, sizes, strict=True)):
         intake = rng.integers(lo, hi + 1, n)
         change = np.clip(np.rint(0.5 * (intake - 8) + rng.normal(0, 5, n)), intake - 27, intake)
-        final = intake - change
+        final = (intake - change).astype(int)
         improved, case = change >= 6, intake >= 10
         recovered = case & (final < 10)
-        per_episode = {
-            "episodes": np.ones(n), "sum_intake": intake, "sum_final": final,
-            "sum_change": change, "sum_change_sq": change**2, "sum_intake_sq": intake**2,
-            "sum_intake_change": intake * change, "reliably_improved": improved,
-            "reliably_deteriorated": change <= -6, "recovered": recovered,
-            "reliably_recovered": recovered & improved, "case_at_intake": case,
+        frames.append(pd.DataFrame({
+            "intake": intake, "final": final, "change": change.astype(int),
+            "reliable": np.where(improved, 1, np.where(change <= -6, -1, 0)),
+            "case_start": case, "recovered": recovered,
+            "reliably_recovered": recovered & improved,
             "response": (intake > 0) & (2 * change >= intake), "remission": final < 10,
-        }
-        for name, v in per_episode.items():
-            values[name][i, 0] = float(np.sum(v))
+        }))
         sessions = rng.integers(2, k + 1, n)
+        traj = np.full((n, k), MISSING, dtype=np.int32)
         for s in range(1, k + 1):
             here = sessions >= s
-            diff = -np.rint(change * np.log(s) / np.log(sessions))[here]
-            values["traj_n"][i, s - 1] = here.sum()
-            values["traj_sum"][i, s - 1] = diff.sum()
-            values["traj_sum_sq"][i, s - 1] = (diff**2).sum()
-        w = (values["change_hist"].shape[1] - 1) // 2
-        np.add.at(values["change_hist"][i], change.astype(int) + w, 1)
-    blocks = {b.name: PooledBlock(spec=b, values=values[b.name],
-                                  noise_var=np.full(values[b.name].shape, 4.0))
+            traj[here, s - 1] = intake[here] - np.rint(
+                change[here] * np.log(s) / np.log(sessions[here]))
+        trajectories.append(traj)
+        bands.append(np.full(n, i))
+    sel = Selection(table=pd.concat(frames, ignore_index=True),
+                    trajectory=np.concatenate(trajectories), band=np.concatenate(bands),
+                    window_applied=True, counts={})
+    values = {name: v.reshape(-1) for name, v in exact_blocks(sel, study).items()}
+    # Noise of a rho-1 study over five sites: 5 (sensitivity^2 / (2 rho share)), share 1/4.
+    blocks = {b.name: PooledBlock(spec=b, values=values[b.name].reshape(
+                  b.n_bands, b.width).astype(float),
+                  noise_var=np.full((b.n_bands, b.width), 5 * b.sensitivity_sq / 0.5))
               for b in layout}
     contributions = tuple(
         Contribution(site_id=f"clinic-{j}", sha256=f"{j:x}" * 64, release=SiteRelease(

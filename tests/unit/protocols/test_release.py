@@ -59,6 +59,13 @@ def test_round_trip() -> None:
     assert MalformedDocument.__mro__[1] is SpecError  # callers that catch SpecError still do
 
 
+def test_a_release_of_the_old_layout_is_refused_with_the_fix() -> None:
+    doc = json.loads(RELEASE.canonical_bytes()) | {"version": 1}
+    with pytest.raises(MalformedDocument, match="version 1 of the release format.*update"):
+        SiteRelease.from_json(doc)
+    assert json.loads(RELEASE.canonical_bytes())["version"] == 2
+
+
 @pytest.mark.parametrize(
     "text",
     [

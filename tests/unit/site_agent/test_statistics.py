@@ -28,7 +28,7 @@ def _study(k: int) -> Study:
 
 
 # A client: a list of episodes; an episode: (first day offset, scores at sessions 1..n)
-_episode = st.tuples(st.integers(0, 700), st.lists(st.integers(0, 27), min_size=1, max_size=8))
+_episode = st.tuples(st.integers(0, 700), st.lists(st.integers(0, 27), min_size=1, max_size=22))
 _client = st.lists(_episode, min_size=1, max_size=3)
 
 
@@ -65,7 +65,7 @@ def _blocks(clients: list[list[tuple[int, list[int]]]], study: Study, m: int
 
 
 @settings(max_examples=150, deadline=None)
-@given(others=st.lists(_client, max_size=6), extra=_client, k=st.integers(1, 6),
+@given(others=st.lists(_client, max_size=6), extra=_client, k=st.integers(1, 20),
        m=st.integers(1, 3))
 def test_one_client_moves_each_block_by_at_most_its_sensitivity(
         others: list[list[tuple[int, list[int]]]], extra: list[tuple[int, list[int]]], k: int,
@@ -89,12 +89,44 @@ def test_latest_episode_per_client_and_window() -> None:
     assert sel.table["intake"].tolist() == [18]
     assert sel.counts["outside window"] == 1
     blocks = exact_blocks(sel, study)
+    layout = {b.name: b for b in block_layout(study)}
+
+    def decoded(name: str, band: int, n: int, col: int = 0) -> float:
+        """sum v = (R / m_b + n (lo_b + hi_b)) / 2 (protocols/layout.py)."""
+        spec = layout[name]
+        lo, hi = spec.raw[band]
+        return (blocks[name].reshape(4, -1)[band, col] / spec.mult[band] + n * (lo + hi)) / 2
+
     assert blocks["episodes"].tolist() == [0, 0, 1, 0]
-    assert blocks["sum_change"].tolist() == [0, 0, 9, 0]
-    assert blocks["traj_n"].reshape(4, 3)[2].tolist() == [1, 1, 0]
-    assert blocks["traj_sum"].reshape(4, 3)[2].tolist() == [0, -9, 0]
-    hist = blocks["change_hist"].reshape(4, 55)
-    assert hist[2, 27 + 9] == 1 and hist.sum() == 1
+    # intake 18 in band 15-19: u = 2 (18 - 15) - 4 = 2; final 9: g = 2 * 9 - 27 = -9
+    assert decoded("sum_intake", 2, 1) == 2 and decoded("sum_final", 2, 1) == -9
+    assert decoded("sum_intake_sq", 2, 1) == 4 and decoded("sum_final_sq", 2, 1) == 81
+    assert decoded("sum_intake_final", 2, 1) == -18
+    assert not blocks["sum_intake"].reshape(4)[[0, 1, 3]].any()
+    # one review group per session for K = 3: sessions 2 and 3; improvement 9 at session 2
+    assert blocks["traj_n"].reshape(4, 2)[2].tolist() == [1, 0]
+    assert decoded("traj_sum", 2, 1, 0) == 9
+    assert blocks["traj_sum"].reshape(4, 2)[2, 1] == 0
+    c_lo, c_hi = layout["traj_sum"].raw[2]
+    assert decoded("traj_sum_sq", 2, 1, 0) == (2 * 9 - (c_lo + c_hi)) ** 2
+    hist = blocks["change_hist"].reshape(4, -1)
+    assert hist[2, 9 - layout["change_hist"].raw[2][0]] == 1 and hist.sum() == 1
+
+
+def test_a_review_group_takes_the_latest_scored_session() -> None:
+    study = _study(20)  # groups ..., 7-8, 9-12, ...
+    scores = [20, 18, 16, 15, 14, 13, 12, 11, 10, 9, 8]  # sessions 1..11
+    ep = derive_episodes(_records([[(400, scores)]]), {"PHQ-9": PHQ}, 20)["PHQ-9"]
+    blocks = exact_blocks(select_episodes(ep, study, 1), study)
+    spec = {b.name: b for b in block_layout(study)}["traj_sum"]
+    groups = list(spec.labels)
+    n = blocks["traj_n"].reshape(4, -1)[3]
+    assert n.tolist() == [1 if g in ("2", "3", "4", "5", "6", "7-8", "9-12") else 0
+                          for g in groups]
+    lo, hi = spec.raw[3]
+    k = groups.index("9-12")
+    raw = blocks["traj_sum"].reshape(4, -1)[3, k]
+    assert (raw / spec.mult[3] + lo + hi) / 2 == 20 - 8  # session 11, the latest of 9-12
 
 
 def test_max_episodes_keeps_the_latest() -> None:
