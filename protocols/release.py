@@ -274,10 +274,9 @@ class SiteRelease:
             got = top.get("version")
             raise MalformedDocument(
                 "release",
-                f"version {got if isinstance(got, int) and not isinstance(got, bool) else '?'}"
-                f" of the release format, this coordinator reads version {RELEASE_VERSION} "
-                "(the statistics layout changed): the site must update outcomebench and "
-                "answer the study again",
+                f"format version {got if isinstance(got, int) and not isinstance(got, bool) else '?'}"
+                f", this coordinator reads {RELEASE_VERSION} (new layout): update outcomebench "
+                "at the site, answer again",
             )
         p = r.mapping(r.field(top, "privacy", "release"), "release.privacy")
         raw_blocks = r.field(top, "blocks", "release")

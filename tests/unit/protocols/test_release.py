@@ -61,7 +61,7 @@ def test_round_trip() -> None:
 
 def test_a_release_of_the_old_layout_is_refused_with_the_fix() -> None:
     doc = json.loads(RELEASE.canonical_bytes()) | {"version": 1}
-    with pytest.raises(MalformedDocument, match="version 1 of the release format.*update"):
+    with pytest.raises(MalformedDocument, match="format version 1, .*update outcomebench"):
         SiteRelease.from_json(doc)
     assert json.loads(RELEASE.canonical_bytes())["version"] == 2
 
@@ -128,7 +128,7 @@ def _doc() -> dict[str, Any]:
         (("versions",), {"a": 1}),
         (("site_id",), ""),
         (("format",), "outcomebench.study"),
-        (("version",), 2),
+        (("version",), 3),
     ],
 )
 def test_fields_are_type_and_range_checked(path: tuple[str | int, ...], value: Any) -> None:
