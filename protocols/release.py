@@ -272,9 +272,10 @@ class SiteRelease:
             raise MalformedDocument("release", f"expected format {RELEASE_FORMAT}")
         if top.get("version") != RELEASE_VERSION:
             got = top.get("version")
+            shown = got if isinstance(got, int) and not isinstance(got, bool) else "?"
             raise MalformedDocument(
                 "release",
-                f"format version {got if isinstance(got, int) and not isinstance(got, bool) else '?'}"
+                f"format version {shown}"
                 f", this coordinator reads {RELEASE_VERSION} (new layout): update outcomebench "
                 "at the site, answer again",
             )

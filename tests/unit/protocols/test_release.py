@@ -61,7 +61,7 @@ def test_round_trip() -> None:
 
 def test_a_release_of_the_old_layout_is_refused_with_the_fix() -> None:
     doc = json.loads(RELEASE.canonical_bytes()) | {"version": 1}
-    with pytest.raises(MalformedDocument, match="format version 1, .*update outcomebench"):
+    with pytest.raises(MalformedDocument, match=r"format version 1, .*update outcomebench"):
         SiteRelease.from_json(doc)
     assert json.loads(RELEASE.canonical_bytes())["version"] == 2
 
