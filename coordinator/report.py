@@ -459,11 +459,17 @@ class _Session:
     tolerance: tuple[float, float] | None
 
 
-def _runs(sessions: list[int]) -> list[list[int]]:
-    """Consecutive runs of sorted session numbers: gaps split them."""
+def _runs(sessions: list[int], points: list[int] | None = None) -> list[list[int]]:
+    """Runs of sorted session numbers that are consecutive among the trajectory's
+    ``points`` (its review groups' sessions; default every session): gaps split them."""
+    order = {s: i for i, s in enumerate(sorted(points))} if points else None
     runs: list[list[int]] = []
     for s in sessions:
-        if runs and s == runs[-1][-1] + 1:
+        prev = runs[-1][-1] if runs else None
+        if prev is not None and (
+            order[s] == order[prev] + 1 if order is not None and s in order and prev in order
+            else s == prev + 1
+        ):
             runs[-1].append(s)
         else:
             runs.append([s])
@@ -583,7 +589,8 @@ def _trajectory_plot(
             _text(ox + 24, oy + 19.5, f"Intake {label}", "start", 13.5, INK, ' font-weight="600"')
         )
         parts.append(
-            _text(x1, oy + 19.5, f"{len(shown)} of {k} sessions estimated", "end", 11.5, MUTED)
+            _text(x1, oy + 19.5, f"{len(shown)} of {len(sessions)} review points estimated",
+                  "end", 11.5, MUTED)
         )
         _y_axis(parts, ticks, step, ys, x0, x1)
         parts.append(_line(x0, y0, x1, y0, AXIS))
@@ -611,16 +618,16 @@ def _trajectory_plot(
         for s, sess in sessions.items():
             if sess.tolerance is not None:
                 tol_lo[s], tol_hi[s] = sess.tolerance
-        for run in _runs(sorted(tol_lo)):
+        for run in _runs(sorted(tol_lo), list(sessions)):
             parts.append(_area(run, tol_lo, tol_hi, xs, ys, colour, 0.12))
         with_ci = [
             s for s in shown if sessions[s].mean.lo is not None and sessions[s].mean.hi is not None
         ]
         ci_lo = {s: sessions[s].mean.lo or 0.0 for s in with_ci}
         ci_hi = {s: sessions[s].mean.hi or 0.0 for s in with_ci}
-        for run in _runs(with_ci):
+        for run in _runs(with_ci, list(sessions)):
             parts.append(_area(run, ci_lo, ci_hi, xs, ys, colour, 0.32))
-        for run in _runs(shown):
+        for run in _runs(shown, list(sessions)):
             if len(run) > 1:
                 line = " ".join(f"{_c(xs(s))},{_c(ys(sessions[s].mean.value or 0.0))}" for s in run)
                 parts.append(
@@ -1010,8 +1017,10 @@ def _trajectory(doc: Mapping[str, Any], bands: list[_Band], ins_id: str) -> str:
     out.append(
         "<figure>"
         + _trajectory_plot(labels, colours, data, fits, k, ins_id)
-        + "<figcaption>Mean change from intake at each session (positive = improvement) "
-        "for the episodes that reached it. Darker shading: 95% interval of the mean; "
+        + "<figcaption>Mean change from intake at each review point (positive = "
+        "improvement) for the episodes scored there: sessions 2 to 6 each, then groups "
+        "(7-8, 9-12, 13-16, ...) at their last session, each client at the latest session "
+        "of the group it was scored at. Darker shading: 95% interval of the mean; "
         "lighter shading: 95% tolerance band, where most individual clients fall. Gaps "
         "are sessions whose estimates were suppressed (too few clients or too much "
         "noise). Dashed: the fitted a + b ln(session) curve over the sessions with "

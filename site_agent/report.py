@@ -230,8 +230,11 @@ def _on_track(
     """Clients still in treatment (last score within the episode gap of the export's
     latest date): not on track when their change is below the benchmark's 95% tolerance
     band at their current session (the failure side)."""
+    # Each benchmark row is a review group of sessions first..last (protocols/layout.py).
     expected: dict[tuple[str, int], Mapping[str, Any]] = {
-        (str(r["band"]), int(r["session"])): r for r in doc.get("trajectory", [])
+        (str(r["band"]), s): r
+        for r in doc.get("trajectory", [])
+        for s in range(int(r.get("first", r["session"])), int(r.get("last", r["session"])) + 1)
     }
     names = [str(b["band"]) for b in doc["bands"]]
     last_date = t["last_date"].to_numpy()

@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -17,37 +18,38 @@ from coordinator.synth import synthesize
 from protocols.layout import block_layout
 from protocols.study import parse_study
 from site_agent.cli import main as site
+from site_agent.outcomes import MISSING
+from site_agent.privacy.statistics import Selection, exact_blocks
 
 from .offline import study_doc
 
 
 def test_compare_with_suppressed_bands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     study = parse_study(study_doc())
-    blocks = {}
-    for spec in block_layout(study):
-        values = np.zeros((spec.n_bands, spec.width))
-        if spec.name in ("episodes", "case_at_intake"):
-            values[:, 0] = [5, 400, 300, 0]  # band 0-9 too small, 20-27 empty
-        elif spec.name == "sum_change":
-            values[:, 0] = [0, 1200, 2100, 0]
-        elif spec.name == "sum_change_sq":
-            values[:, 0] = [0, 1200 * 3 + 400 * 25, 2100 * 7 + 300 * 25, 0]
-        elif spec.name in ("sum_intake", "sum_intake_sq", "sum_intake_change"):
-            values[:, 0] = {
-                "sum_intake": [20, 4800, 5100, 0],
-                "sum_intake_sq": [100, 60000, 90000, 0],
-                "sum_intake_change": [0, 14400, 35700, 0],
-            }[spec.name]
-        elif spec.name == "traj_n":
-            values[1:3, :5] = 200
-        elif spec.name == "traj_sum":
-            values[1, :5] = -200 * np.array([0, 1, 2, 3, 3.5])
-            values[2, :5] = -200 * np.array([0, 2, 4, 5, 6])
-        elif spec.name == "traj_sum_sq":
-            values[1:3, :5] = 200 * 40
-        blocks[spec.name] = PooledBlock(
-            spec=spec, values=values, noise_var=np.full(values.shape, 4.0)
-        )
+    # Band 0-9: 5 episodes (too few); 10-14: 400 improving by 3; 15-19: 300 by 7; 20-27: none.
+    rows_, traj, band = [], [], []
+    for b, (n, intake, change) in enumerate([(5, 5, 0), (400, 12, 3), (300, 17, 7)]):
+        for c in range(n):
+            final = intake - change
+            rows_.append({"intake": intake, "final": final, "change": change,
+                          "reliable": int(change >= 6), "case_start": intake >= 10,
+                          "recovered": intake >= 10 and final < 10,
+                          "reliably_recovered": intake >= 10 and final < 10 and change >= 6,
+                          "response": 2 * change >= intake, "remission": final < 10})
+            scores = np.full(study.max_session, MISSING, dtype=np.int32)
+            if b and c < 200:
+                scores[:5] = intake - np.rint(np.linspace(0, change, 5))
+            traj.append(scores)
+            band.append(b)
+    sel = Selection(table=pd.DataFrame(rows_), trajectory=np.array(traj), band=np.array(band),
+                    window_applied=True, counts={})
+    exact = exact_blocks(sel, study)
+    blocks = {
+        spec.name: PooledBlock(spec=spec, values=exact[spec.name].reshape(
+            spec.n_bands, spec.width).astype(float), noise_var=np.full(
+            (spec.n_bands, spec.width), 4.0))
+        for spec in block_layout(study)
+    }
     doc = benchmark_document(
         Pooled(study=study, contributions=(), blocks=blocks),
         estimate_all(Pooled(study=study, contributions=(), blocks=blocks)),

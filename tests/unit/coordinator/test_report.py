@@ -437,7 +437,7 @@ def test_edge_case_details() -> None:
     _one_session(doc)
     traj = _svgs(render_report(doc))[2]
     assert traj.count("<polyline") == 0 and traj.count("<circle") >= 2  # points, no lines
-    assert "1 of 1 sessions estimated" in traj
+    assert "1 of 1 review points estimated" in traj
 
     doc = _hand_doc()
     _all_suppressed(doc)
