@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from clinics import ALL_FAMILIES, compiled_blocks, load_clinics, noised, site_release, study_draft
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from utility import BANDS, compiled_blocks, load_clinics, noised, site_release
 
 from coordinator import crypto as network_crypto
 from coordinator.estimates import estimate_all
@@ -57,25 +57,21 @@ DELTA = Fraction(1, 10**6)
 TARGET_S = 5.0
 
 
-def study_draft(n_sites: int) -> dict[str, object]:
+def draft(n_sites: int) -> dict[str, object]:
     """The study as the research network writes it (study.yaml)."""
-    return {
-        "id": "pool-benchmark",
-        "title": "pooling many releases",
-        "instrument": "PHQ-9",
-        "window": {"start": "2025-01-01", "end": "2026-12-31"},
-        "bands": [list(b) for b in BANDS],
-        "families": ["counts", "change", "categories", "trajectory", "histogram"],
-        "max_session": 20,
-        "privacy": {"rho": 0.05},
-        "min_sites": n_sites,
-    }
+    return study_draft(
+        "pool-benchmark",
+        "pooling many releases",
+        ALL_FAMILIES,
+        {"rho": float(RHO)},
+        min_sites=n_sites,
+    )
 
 
 def write_releases(study: Study, n_sites: int, root: Path) -> list[Path]:
     """``n_sites`` signed releases under ``root/releases``, keys under ``root/keys``."""
     clinics = load_clinics(10, 2026, study, root / "clinics")
-    compiled = compiled_blocks(study, RHO)
+    compiled = compiled_blocks(study, clinics[0].config)
     exact = np.stack([clinics[i % len(clinics)].exact for i in range(n_sites)])
     values = noised(exact, compiled)
     (root / "keys").mkdir()
@@ -145,15 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--releases", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=3, help="best of R (default %(default)s)")
     args = ap.parse_args(argv)
-    draft = study_draft(args.releases)
-    study = parse_study(draft)
+    doc = draft(args.releases)
+    study = parse_study(doc)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t = time.perf_counter()
         releases = write_releases(study, args.releases, root)
         built = time.perf_counter() - t
         study_path = root / "study.yaml"
-        study_path.write_text(yaml.safe_dump({"study": draft}))
+        study_path.write_text(yaml.safe_dump({"study": doc}))
         size = sum(p.stat().st_size for p in releases)
         print(
             f"{args.releases} signed releases of study {study.id} "
@@ -167,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         public = network_crypto.load_public(root / "keys" / "network.pub.pem")
         for bundle in (root / "bundle-cmd-0", root / "bundle-0"):
             problems = verify_bundle(bundle, public)
-            doc = json.loads((bundle / "benchmark.json").read_text())
-            n = len(doc["sites"]["contributed"])
+            bench = json.loads((bundle / "benchmark.json").read_text())
+            n = len(bench["sites"]["contributed"])
             if problems or n != args.releases:
                 raise RuntimeError(f"{bundle}: {problems or f'{n} sites'}")
     print(f"best of {args.repeat}; bundles verified, {args.releases} sites each")

@@ -43,12 +43,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import math
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -61,27 +61,16 @@ try:
 except ImportError:  # the bench extra is not installed: main() says so
     count_nonzero = dpl_mean = None
 
-from coordinator.estimates import estimate_all
-from coordinator.pooling import Contribution, pool
-from coordinator.synth import synthesize
-from protocols.layout import block_layout, budget_weights
-from protocols.release import NoisyBlock, SiteRelease
-from protocols.study import Study, parse_study
-from site_agent.config import load_site_config
-from site_agent.data import read_intake
-from site_agent.outcomes import Reliable, derive_episodes
-from site_agent.privacy.accounting import (
-    MECHANISM,
-    OPENDP_VERSION,
-    CompiledBlock,
-    compile_block,
-    rho_for_epsilon,
-    zcdp_to_epsilon,
-)
-from site_agent.privacy.statistics import exact_blocks, select_episodes
+import clinics as sites
 
-INSTRUMENT = "PHQ-9"
-BANDS = ((0, 9), (10, 14), (15, 19), (20, 27))
+from coordinator.estimates import estimate_all
+from coordinator.pooling import pool
+from protocols.layout import block_layout
+from protocols.study import Study, parse_study
+from site_agent.outcomes import Reliable
+from site_agent.privacy.accounting import CompiledBlock
+
+BANDS = sites.BANDS
 EPSILON, DELTA = Fraction(1), Fraction(1, 10**6)
 ESTIMATES = {"mean_change": "sum_change", "reliable_improvement_rate": "reliably_improved"}
 Float = npt.NDArray[np.float64]
@@ -89,17 +78,12 @@ Float = npt.NDArray[np.float64]
 
 def make_study(families: list[str]) -> Study:
     return parse_study(
-        {
-            "id": "utility",
-            "title": "utility of site-level DP",
-            "instrument": INSTRUMENT,
-            "window": {"start": "2025-01-01", "end": "2026-12-31"},  # the generator's dates
-            "bands": [list(b) for b in BANDS],
-            "families": families,
-            "max_session": 20,
-            "privacy": {"epsilon": str(EPSILON), "delta": "0.000001"},
-            "min_sites": 1,  # the central run pools one "site"
-        }
+        sites.study_draft(
+            "utility",
+            "utility of site-level DP",
+            families,
+            {"epsilon": str(EPSILON), "delta": "0.000001"},
+        )
     )
 
 
@@ -112,121 +96,29 @@ class Clinic:
     improved: npt.NDArray[np.int64]  # per selected episode: reliably improved (0/1)
 
 
-def load_clinics(n_sites: int, seed: int, study: Study, root: Path) -> list[Clinic]:
-    layout = block_layout(study)
+def per_episode(clinic: sites.Clinic, study: Study) -> Clinic:
+    """What diffprivlib's clinics release means of, from the clinic's selected episodes."""
     w = study.instrument.hi - study.instrument.lo
-    clinics = []
-    for files in synthesize(n_sites, root, seed=seed):
-        cfg = load_site_config(files.config_path)
-        intake = read_intake(cfg.data, cfg.instruments)
-        episodes = derive_episodes(intake.records, cfg.instruments, study.max_session)
-        sel = select_episodes(episodes[INSTRUMENT], study, max_episodes=1)
-        blocks = exact_blocks(sel, study)
-        reliable = sel.table["reliable"].to_numpy()
-        clinics.append(
-            Clinic(
-                site_id=files.site_id,
-                exact=np.concatenate([blocks[spec.name] for spec in layout]),
-                band=sel.band,
-                change=np.clip(sel.table["change"].to_numpy(np.int64), -w, w),
-                improved=(reliable == Reliable.IMPROVED).astype(np.int64),
-            )
-        )
-    return clinics
-
-
-def compiled_blocks(study: Study, rho: Fraction) -> list[CompiledBlock]:
-    """The engine's measurements for ``study`` at ``rho`` per site (one episode per client)."""
-    layout = block_layout(study)
-    return [
-        compile_block(spec, rho * share, 1)
-        for spec, share in zip(layout, budget_weights(layout), strict=True)
-    ]
-
-
-def noised(exact: npt.NDArray[np.int64], compiled: list[CompiledBlock]) -> npt.NDArray[np.int64]:
-    """``exact`` (..., values) noised block by block with one OpenDP call per block: the
-    compiled measurement applied to a vector holding every copy (same scale, independent
-    draws per value)."""
-    out = np.empty_like(exact)
-    at = 0
-    for block in compiled:
-        size = block.spec.size
-        values = exact[..., at : at + size]
-        copies = values.size // size
-        twin = dataclasses.replace(
-            block, spec=dataclasses.replace(block.spec, n_bands=block.spec.n_bands * copies)
-        )
-        out[..., at : at + size] = twin.release(values.reshape(-1)).reshape(values.shape)
-        at += size
-    return out
-
-
-@functools.lru_cache(maxsize=4)
-def _epsilon(rho: Fraction, delta: Fraction) -> float:
-    return zcdp_to_epsilon(rho, delta)  # OpenDP builds a measurement: once, not per release
-
-
-def site_release(
-    study: Study,
-    site_id: str,
-    values: npt.NDArray[np.int64],
-    compiled: list[CompiledBlock],
-    *,
-    delta: Fraction = DELTA,
-) -> SiteRelease:
-    """The release a site's engine would build from these noisy ``values`` (every block,
-    concatenated in layout order), with its provenance."""
-    blocks, at = [], 0
-    for b in compiled:
-        spec = b.spec
-        blocks.append(
-            NoisyBlock(
-                name=spec.name,
-                family=str(spec.family),
-                n_bands=spec.n_bands,
-                width=spec.width,
-                values=tuple(int(v) for v in values[at : at + spec.size]),
-                lo=spec.lo,
-                hi=spec.hi,
-                sensitivity=b.d_in,
-                scale=b.scale,
-                rho=b.rho,
-            )
-        )
-        at += spec.size
-    rho = sum((b.rho for b in compiled), Fraction(0))
-    return SiteRelease(
-        study_id=study.id,
-        study_hash=study.hash,
-        site_id=site_id,
-        created="2026-11-27T12:00:00+00:00",
-        blocks=tuple(blocks),
-        rho=rho,
-        epsilon=_epsilon(rho, delta),
-        delta=float(delta),
-        unit="client",
-        max_episodes_per_client=1,
-        mechanism=MECHANISM,
-        window_applied=True,
-        versions={"outcomebench": "benchmark", "opendp": OPENDP_VERSION},
+    sel = clinic.selection
+    reliable = sel.table["reliable"].to_numpy()
+    return Clinic(
+        site_id=clinic.site_id,
+        exact=clinic.exact,
+        band=sel.band,
+        change=np.clip(sel.table["change"].to_numpy(np.int64), -w, w),
+        improved=(reliable == Reliable.IMPROVED).astype(np.int64),
     )
 
 
-def contribution(
-    study: Study, site_id: str, values: npt.NDArray[np.int64], compiled: list[CompiledBlock]
-) -> Contribution:
-    release = site_release(study, site_id, values, compiled)
-    return Contribution(site_id=site_id, release=release, sha256="0" * 64)
-
-
 def pooled_estimates(
-    study: Study, rows: list[npt.NDArray[np.int64]], compiled: list[CompiledBlock]
+    study: Study, rows: list[npt.NDArray[np.int64]], compiled: Sequence[CompiledBlock]
 ) -> tuple[dict[str, Float], dict[str, npt.NDArray[np.bool_]]]:
     """Per estimate: the point value per band as ``estimate_all`` would print it (the
     ratio of pooled sums, clipped like the product clips rates), and whether the product
     suppressed it."""
-    contributions = [contribution(study, f"site-{i}", row, compiled) for i, row in enumerate(rows)]
+    contributions = [
+        sites.contribution(study, f"site-{i}", row, compiled) for i, row in enumerate(rows)
+    ]
     p = pool(study, contributions)
     tables = estimate_all(p)
     n = np.maximum(p.blocks["episodes"].values[:, 0], 1.0)
@@ -300,14 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     w = study.instrument.hi - study.instrument.lo
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        clinics = load_clinics(args.sites, args.seed, study, Path(tmp))
-    compiled = compiled_blocks(study, rho_for_epsilon(EPSILON, DELTA))
+        loaded = sites.load_clinics(args.sites, args.seed, study, Path(tmp))
+        compiled = sites.compiled_blocks(study, loaded[0].config)
+    clinics = [per_episode(c, study) for c in loaded]
     exact = np.stack([c.exact for c in clinics])
     union = exact.sum(axis=0)
     truth = exact_estimates(study, union, names)
 
-    site_noisy = noised(np.broadcast_to(exact, (args.reps, *exact.shape)).copy(), compiled)
-    central_noisy = noised(np.broadcast_to(union, (args.reps, *union.shape)).copy(), compiled)
+    site_noisy = sites.noised(np.broadcast_to(exact, (args.reps, *exact.shape)).copy(), compiled)
+    central_noisy = sites.noised(np.broadcast_to(union, (args.reps, *union.shape)).copy(), compiled)
     rng = np.random.default_rng([args.seed, 7])
     errors: dict[str, dict[str, list[Float]]] = {
         m: {name: [] for name in names} for m in ("site", "central", "dpl", "dpl-w")
