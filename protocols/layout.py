@@ -100,7 +100,7 @@ TOLERANCES = {
     "rate": 0.03,
     "quantile": 1.0,
     "trajectory_mean": 1.0,
-    "trajectory_sd": 1.0,
+    "trajectory_sd": 1.5,  # a tolerance limit (mean - 1.96 SD) within about 3 points
     "fit": 0.5,
     "intercept": 1.0,
     "slope": 0.05,
@@ -130,8 +130,11 @@ _QUANTILES = 5
 
 
 def _retention(session: int) -> float:
-    """Share of clients still scored at ``session`` (median course about 5 sessions)."""
-    return max(math.exp(-(session - 1) / 6), 0.05)
+    """Share of clients still scored at ``session`` (median course about 5 sessions),
+    floored at 1/4: the late groups' few clients would otherwise take most of the
+    budget (the sum of squares weighs a figure far from its tolerance most) although
+    they stay imprecise at any affordable share."""
+    return max(math.exp(-(session - 1) / 6), 0.25)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -445,13 +448,28 @@ def _with_demand(study: Study, blocks: list[BlockSpec]) -> list[BlockSpec]:
     ]
 
 
+COUNT_SHARE = Fraction(8, 100)
+"""The least share of the episode count: it is the published count and every band
+figure's denominator (a band whose count is too noisy is suppressed whole), which the
+sum of squares alone undervalues (it gave 1.4% and made counts worse than before)."""
+
+
 def budget_weights(blocks: tuple[BlockSpec, ...]) -> tuple[Fraction, ...]:
     """Each block's share of the study's rho (exact; they sum to 1): proportional to
-    sqrt(D_j), rounded to fractions (exactness matters for the sum, not the optimum). A
-    block no published figure rests on (D_j = 0) still gets a small share, so that every
-    released value is noised at a finite scale."""
+    sqrt(D_j), rounded to fractions (exactness matters for the sum, not the optimum),
+    with the count at least :data:`COUNT_SHARE`. A block no published figure rests on
+    (D_j = 0) still gets a small share, so that every released value is noised at a
+    finite scale."""
     raw = [Fraction(math.sqrt(b.demand)).limit_denominator(10**6) for b in blocks]
     floor = sum(raw, Fraction(0)) / 1000 or Fraction(1)
     raw = [max(r, floor) for r in raw]
     total = sum(raw, Fraction(0))
-    return tuple(r / total for r in raw)
+    shares = [r / total for r in raw]
+    names = [b.name for b in blocks]
+    if COUNT_BLOCK in names and len(blocks) > 1:
+        i = names.index(COUNT_BLOCK)
+        if shares[i] < COUNT_SHARE:
+            rest = 1 - shares[i]
+            shares = [COUNT_SHARE if j == i else s * (1 - COUNT_SHARE) / rest
+                      for j, s in enumerate(shares)]
+    return tuple(shares)

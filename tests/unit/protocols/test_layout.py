@@ -8,6 +8,7 @@ import pytest
 from protocols.instruments import builtin_instruments
 from protocols.layout import (
     COUNT_BLOCK,
+    COUNT_SHARE,
     LAYOUT_VERSION,
     block_layout,
     budget_weights,
@@ -137,6 +138,10 @@ def test_budget_weights_sum_to_one_and_minimise_the_figures_noise() -> None:
 
     best = objective([float(x) for x in w])
     floored = {i for i, x in enumerate(w) if x == min(w)}
+    names = [b.name for b in layout]
+    assert w[names.index(COUNT_BLOCK)] >= COUNT_SHARE
+    if w[names.index(COUNT_BLOCK)] == COUNT_SHARE:  # the count's floor binds
+        floored.add(names.index(COUNT_BLOCK))
     assert len(floored) < len(w)
     for i in range(len(w)):
         for j in range(len(w)):
