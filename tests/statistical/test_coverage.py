@@ -63,6 +63,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -73,11 +74,11 @@ import numpy.typing as npt
 import pytest
 import yaml
 
-from coordinator.estimates import Z95, Estimate, estimate_all
-from coordinator.pooling import Contribution, check_release, pool
+from coordinator.estimates import Z95, Estimate, Tables, _group_x, estimate_all
+from coordinator.pooling import Contribution, Pooled, PooledBlock, check_release, pool
 from coordinator.synth import EPISODE_GAP_DAYS, draw_site_params, generate_site
 from protocols import builtin_instruments
-from protocols.layout import block_layout, budget_weights
+from protocols.layout import block_layout, budget_weights, trajectory_groups
 from protocols.release import NoisyBlock, SiteRelease
 from protocols.study import Study, parse_study
 
@@ -258,6 +259,17 @@ class Runs:
         return "\n".join(lines)
 
 
+def _truth(study: Study, expected: Callable[[str], npt.NDArray[np.float64]]) -> Tables:
+    """The estimand: every figure computed from the expected pooled sums, without noise."""
+    blocks = {}
+    for spec in block_layout(study):
+        values = np.broadcast_to(expected(spec.name), (spec.size,)).reshape(
+            spec.n_bands, spec.width)
+        blocks[spec.name] = PooledBlock(spec=spec, values=values,
+                                        noise_var=np.zeros((spec.n_bands, spec.width)))
+    return estimate_all(Pooled(study=study, contributions=(), blocks=blocks))
+
+
 def _compiled(study: Study = STUDY) -> list[Any]:
     compile_block = _site_agent("privacy.accounting").compile_block
     rho = study.privacy.rho
@@ -318,7 +330,9 @@ def runs(clinics: list[Clinic]) -> Runs:
                    np.zeros(len(BANDS)))
 
     n = expected("episodes")
-    truth = {name: expected(block) / n for name, block in ESTIMATES.items()}
+    truth_tables = _truth(STUDY, expected)
+    truth = {name: np.array([b["estimates"][name].value for b in truth_tables.bands])
+             for name in ESTIMATES}
 
     rng = np.random.default_rng([SEED, 99])
     width = sum(spec.size for spec in LAYOUT)
@@ -428,16 +442,19 @@ class FitRuns:
 def fit_runs(clinics: list[Clinic]) -> FitRuns:
     study = FIT_STUDY
     stats = _site_agent("privacy.statistics")
-    sign = -1.0  # PHQ-9: lower is better, improvement = -(score - intake)
+
+    pops = [stats.exact_blocks(stats.select_episodes(c.episodes, study, MAX_EPISODES), study)
+            for c in clinics]
 
     def expected(block: str) -> npt.NDArray[np.float64]:
-        total = np.zeros((len(BANDS), study.max_session))
-        for c in clinics:
-            pop = stats.exact_blocks(stats.select_episodes(c.episodes, study, MAX_EPISODES), study)
-            total += c.size / c.n_clients * pop[block].reshape(total.shape).astype(np.float64)
-        return total
+        return sum((c.size / c.n_clients * pop[block].astype(np.float64)
+                    for c, pop in zip(clinics, pops, strict=True)), np.zeros(1))
 
-    mu = sign * expected("traj_sum") / expected("traj_n")  # true session means [band, session]
+    # True group means [band, group]: the estimator on the expected sums, without noise.
+    rows = _truth(study, expected).trajectory
+    mu = np.array([[r["mean_change"]["value"] for r in rows if r["band"] == f"{lo}-{hi}"]
+                   for lo, hi in BANDS], dtype=float)
+    x_of = [_group_x(a, b) for a, b in trajectory_groups(study.max_session)]
     rng = np.random.default_rng([SEED, 98])
     width = sum(spec.size for spec in block_layout(study))
     exact = np.empty((FIT_REPS, len(clinics), width), dtype=np.int64)
@@ -457,7 +474,7 @@ def fit_runs(clinics: list[Clinic]) -> FitRuns:
             means = [row["mean_change"] for row in tables.trajectory
                      if row["band"] == fit["band"]]
             used = [k for k, m in enumerate(means) if m["value"] is not None and m["se"] > 0]
-            x = np.log(np.array(used) + 1.0)
+            x = np.array([x_of[k] for k in used])
             design = np.column_stack([np.ones_like(x), x])
             w = 1 / np.array([means[k]["se"] for k in used]) ** 2
             lin = np.linalg.solve(design.T @ (design * w[:, None]), design.T * w)
