@@ -183,9 +183,10 @@ def draws() -> dict[str, Draws]:
 
 def test_the_study_has_every_family() -> None:
     assert {b.family for b in LAYOUT} == set(Family)
-    assert len(LAYOUT) == 18 and len(STUDY.bands) == 5
+    # v2: 5 change blocks, 6 categories (no band straddles the cut-off: no caseness block)
+    assert len(LAYOUT) == 16 and len(STUDY.bands) == 5
     sizes = {b.name: b.size for b in LAYOUT}
-    assert sizes["traj_sum"] == 5 * 20 and sizes["change_hist"] == 5 * 55
+    assert sizes["traj_sum"] == 5 * 9 and sizes["change_hist"] == 5 * 35
 
 
 @pytest.mark.parametrize("name", NAMES)
