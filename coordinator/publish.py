@@ -29,7 +29,12 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from coordinator import crypto
-from coordinator.estimates import MAX_DENOMINATOR_NOISE, MIN_EPISODES, Tables
+from coordinator.estimates import (
+    MAX_DENOMINATOR_NOISE,
+    MIN_EPISODES,
+    NOT_ESTIMABLE_FACTOR,
+    Tables,
+)
 from coordinator.pooling import Pooled, Rejection
 from coordinator.report import render_report
 from protocols.bundle import (
@@ -47,28 +52,37 @@ __all__ = ["BENCHMARK_FORMAT", "MANIFEST", "benchmark_document", "verify_bundle"
 
 
 METHODS = (
-    "Each site released, under differential privacy, integer sums per intake band "
-    "(counts, sums of intake, change and their squares and products, outcome category "
-    "counts, per-session sums, a change histogram) with discrete Gaussian noise from "
-    "OpenDP. The coordinator summed them (post-processing, no further privacy cost) and "
-    "derived the estimates. Every 95% interval adds two variances: sampling error (the "
-    "usual formula for each estimator) and the DP noise, whose scale is known exactly "
-    "from the releases, carried through each estimate by the delta method. Ratios are "
-    f"suppressed when they rest on fewer than {MIN_EPISODES} episodes or when the noise "
-    f"exceeds {MAX_DENOMINATOR_NOISE:.0%} of the denominator. Change is positive for "
-    "improvement. Effect sizes divide mean change by the SD of intake over all bands. "
-    "Rates of reliable improvement, deterioration, response and remission are per "
-    "episode; recovery and reliable recovery are per episode at caseness at intake. "
-    "Trajectories give the mean change from intake at each session with the interval of "
-    "the mean and a 95% tolerance band for individual clients. The a + b ln(session) fit "
-    "is weighted least squares on the session means; because the same clients are seen "
+    "Each site released, under differential privacy, integer sums per intake band with "
+    "discrete Gaussian noise from OpenDP (layout version 2): the count, sums of the intake "
+    "within its band and of the final score, centred on the middle of their ranges, with "
+    "their squares and product; outcome categories, each centred within its own "
+    "denominator; the change from intake at review points (sessions 2 to 6, then groups "
+    "7-8, 9-12, 13-16, ...); and a histogram of change. Values the band fixes by "
+    "definition were not released and are shown as such. The coordinator summed the "
+    "releases (post-processing, no further privacy cost) and derived the estimates; "
+    "moments over several bands follow exactly by the parallel-axis rule. Every 95% "
+    "interval adds two variances: sampling error (the usual formula for each estimator) "
+    "and the DP noise, whose scale is known exactly from the releases, carried through "
+    "each estimate by the delta method. Ratios are suppressed when they rest on fewer "
+    f"than {MIN_EPISODES} episodes or when the noise exceeds {MAX_DENOMINATOR_NOISE:.0%} "
+    "of the denominator; a figure whose DP noise alone is over "
+    f"{NOT_ESTIMABLE_FACTOR:g} times its clinical tolerance is published as not "
+    "estimable at this budget; a noisy value outside its range is shown at the nearest "
+    "end, with a note. Change is positive for improvement. Effect sizes divide mean "
+    "change by the SD of intake over all bands. Rates of reliable improvement, "
+    "deterioration, response and remission are per episode; recovery and reliable "
+    "recovery are per episode at caseness at intake. Trajectories give the mean change "
+    "from intake at each review point (each client at the latest session of the group "
+    "it was scored at) with the interval of the mean and a 95% tolerance band for "
+    "individual clients. The a + b ln(session) fit is weighted least squares on those "
+    "means, each group at the mean ln of its sessions; because the same clients are seen "
     "at many sessions, its intervals bound the sampling error for any nonnegative "
-    "correlation between session means (they may be a little wide) and add the "
-    "independent DP noise exactly. Intervals are conditional on the participating "
-    "services. Coverage was measured in simulation (5 clinics, 2,000 pooled studies): "
-    "94.5-95.5% for mean change and the reliable improvement rate, in bands of about 300 "
-    "and 4,500 episodes. Whether to publish is decided on the same noisy count, so in "
-    "bands near the suppression threshold the published intervals may cover less often."
+    "correlation between the means (they may be a little wide) and add the independent "
+    "DP noise exactly. Intervals are conditional on the participating services. "
+    "Coverage was measured in simulation (5 clinics, 2,000 pooled studies): 94-96% for "
+    "mean change and the reliable improvement rate, in bands of about 300 and 4,500 "
+    "episodes. Whether to publish is decided on the same noisy count, so in bands near "
+    "the suppression threshold the published intervals may cover less often."
 )
 
 

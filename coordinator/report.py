@@ -65,10 +65,26 @@ class _Est:
     se_sampling: float | None = None
     se_noise: float | None = None
     reason: str | None = None  # why there is no value
+    note: str | None = None  # known by definition, or clipped to its range
 
     @property
     def ok(self) -> bool:
         return self.value is not None
+
+    @property
+    def by_definition(self) -> bool:
+        return self.note is not None and "by definition" in self.note
+
+
+def _why(reason: str | None) -> str:
+    """How a missing figure reads: not estimable at this budget, not defined (the band
+    rules it out), or suppressed (too few episodes, too noisy a count)."""
+    text = str(reason or "no estimate")
+    if text.startswith("not estimable"):
+        return text
+    if "by definition" in text:
+        return f"not defined: {text}"
+    return f"suppressed: {text}"
 
 
 def _est(raw: Any) -> _Est:
@@ -79,7 +95,9 @@ def _est(raw: Any) -> _Est:
         return _Est(None, reason=str(reason) if reason is not None else "no estimate")
     ci = _list(raw.get("ci95"))
     lo, hi = (_num(ci[0]), _num(ci[1])) if len(ci) == 2 else (None, None)
-    return _Est(value, lo, hi, _num(raw.get("se_sampling")), _num(raw.get("se_noise")))
+    note = raw.get("note")
+    return _Est(value, lo, hi, _num(raw.get("se_sampling")), _num(raw.get("se_noise")),
+                note=str(note)[:300] if note is not None else None)
 
 
 def _fmt(x: float, decimals: int, suffix: str = "") -> str:
@@ -119,7 +137,9 @@ def _ci(est: _Est, kind: str) -> str:
 def _value_ci(est: _Est, kind: str) -> str:
     """'value (lo to hi)' or 'suppressed: reason', escaped."""
     if est.value is None:
-        return _e(f"suppressed: {est.reason}")
+        return _e(_why(est.reason))
+    if est.by_definition:
+        return _e(f"{_show(est.value, kind)} (by definition)")
     ci = "" if est.lo is None or est.hi is None else f" ({_ci(est, kind)})"
     return _e(_show(est.value, kind) + ci)
 
@@ -721,15 +741,21 @@ def _table(head: list[tuple[str, bool]], rows: list[str], caption: str = "", cls
 def _est_cells(est: _Est, kind: str) -> str:
     """Value, 95% CI, SE (sampling), SE (DP noise) cells, or one 'suppressed' cell."""
     if est.value is None:
-        return f'<td class="supp" colspan="4">{_e(f"suppressed: {est.reason}")}</td>'
+        return f'<td class="supp" colspan="4">{_e(_why(est.reason))}</td>'
+    if est.by_definition:  # exact: no interval to show
+        return (
+            f'<td class="num"><strong>{_e(_show(est.value, kind))}</strong></td>'
+            f'<td class="supp" colspan="3">{_e(str(est.note))}</td>'
+        )
     factor, _, suffix = _KINDS[kind]
+    clipped = f"<br><small>{_e(est.note)}</small>" if est.note else ""
     ses = [
         DASH if se is None else _sig(se * factor, 2, suffix)
         for se in (est.se_sampling, est.se_noise)
     ]
     return (
         f'<td class="num"><strong>{_e(_show(est.value, kind))}</strong></td>'
-        f'<td class="num">{_e(_ci(est, kind))}</td>'
+        f'<td class="num">{_e(_ci(est, kind))}{clipped}</td>'
         f'<td class="num">{_e(ses[0])}</td><td class="num">{_e(ses[1])}</td>'
     )
 
@@ -1035,7 +1061,7 @@ def _trajectory(doc: Mapping[str, Any], bands: list[_Band], ins_id: str) -> str:
             used = _num(r.get("sessions_used"))
             if a.value is None or b.value is None:
                 reason = a.reason if a.value is None else b.reason
-                cells = f"<td class='supp' colspan='2'>{_e(f'suppressed: {reason}')}</td>"
+                cells = f"<td class='supp' colspan='2'>{_e(_why(reason))}</td>"
             else:
                 cells = (
                     f"<td class='num'>{_value_ci(a, 'score')}</td>"
@@ -1053,7 +1079,7 @@ def _trajectory(doc: Mapping[str, Any], bands: list[_Band], ins_id: str) -> str:
                     ("Band", False),
                     ("a (95% CI)", True),
                     ("b (95% CI)", True),
-                    ("Sessions used", True),
+                    ("Review points used", True),
                 ],
                 trs,
             )
@@ -1106,7 +1132,7 @@ def _quantiles(doc: Mapping[str, Any], bands: list[_Band]) -> str:
         cells = [ests.get(q, _Est(None, reason="not reported")) for q in qs]
         reasons = {e.reason for e in cells if e.value is None}
         if len(reasons) == 1 and all(e.value is None for e in cells):
-            tds = f"<td class='supp' colspan='{len(qs)}'>{_e(f'suppressed: {reasons.pop()}')}</td>"
+            tds = f"<td class='supp' colspan='{len(qs)}'>{_e(_why(reasons.pop()))}</td>"
         else:
             tds = "".join(
                 f"<td class='{'num' if e.ok else 'supp'}'>{_value_ci(e, kind)}</td>" for e in cells

@@ -40,7 +40,8 @@ rho = 1/20 per site is chosen so that the DP noise is most of the variance in th
 band and a smaller part in the large band: the small band checks the noise propagation,
 the large one the sampling formula. (Layout version 2 made the noise about 20 times
 smaller in variance: at rho 1 the small band's noise share fell from 75-80% to 22% and
-the negative control no longer bit.) No estimate is suppressed at this rho. Near the suppression threshold the published intervals could under-cover, because the
+the negative control no longer bit.) No estimate is suppressed at this rho. Near the
+suppression threshold the published intervals could under-cover, because the
 decision to publish is taken on the same noisy count: with the earlier budget split, which
 gave the count 1/320 of rho, about half of the small band was suppressed at rho = 0.4 and
 the rest covered only 90-91%. With the count's share now about 5% (protocols/layout.py),
