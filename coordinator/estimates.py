@@ -380,8 +380,9 @@ def _category_rate(p: Pooled, band: _Band, name: str, problem: str | None) -> Es
         return Estimate(1.0, 0.0, 0.0, bounds=(0.0, 1.0),
                         note=f"1 by definition: every intake in {lo}-{hi} is at caseness")
     if possible is False:
-        return Estimate(0.0, 0.0, 0.0, bounds=(0.0, 1.0),
-                        note=f"0 by definition: impossible from an intake in {lo}-{hi}")
+        why = (f"no intake in {lo}-{hi} is at caseness" if name == "case_at_intake"
+               else f"impossible from an intake in {lo}-{hi}")
+        return Estimate(0.0, 0.0, 0.0, bounds=(0.0, 1.0), note=f"0 by definition: {why}")
     if problem:
         return suppressed(problem)
     stats = {"n": band.stat(COUNT_BLOCK), "k": band.stat(name)}
