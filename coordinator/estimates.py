@@ -402,9 +402,9 @@ def _category_rate(p: Pooled, band: _Band, name: str, problem: str | None) -> Es
     d0 = denominator(x0)
     if over_cases:
         var_d = _noise_se(denominator, stats) ** 2
-        why = _denominator_problem(d0, var_d, "episodes at caseness")
-        if why:
-            return suppressed(why)
+        thin = _denominator_problem(d0, var_d, "episodes at caseness")
+        if thin:
+            return suppressed(thin)
     raw = rate_of(x0)
     value = min(max(raw, 0.0), 1.0)
     est = Estimate(value, math.sqrt(value * (1 - value) / d0), _noise_se(rate_of, stats),

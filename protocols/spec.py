@@ -50,7 +50,7 @@ def short(value: Any, limit: int = 80) -> str:
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """A ' (did you mean X?)' suffix, or '' when nothing is close."""
     close = difflib.get_close_matches(word[:100], list(choices), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return f" (did you mean {short(str(close[0]))}?)" if close else ""
 
 
 def unknown_keys(mapping: Mapping[str, Any], allowed: Iterable[str], where: str) -> list[str]:

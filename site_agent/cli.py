@@ -20,11 +20,12 @@ from protocols.codes import ErrorCode
 from protocols.errors import SpecError
 from site_agent import crypto, privacy_report
 from site_agent.config import SiteConfig, load_site_config
-from site_agent.data import Intake, read_intake
+from site_agent.data import Intake, IntakeCounts, default_quarantine_report, read_intake
 from site_agent.errors import EXIT_HELP, ConfigError, DataError, ExitCode, refusal_exit
 from site_agent.outcomes import derive_episodes
 from site_agent.privacy import (
     LedgerError,
+    LedgerUnusable,
     Refused,
     ReleaseEngine,
     load_engine,
@@ -127,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub_cmd(
         "preview",
-        "show exactly what a study would release and cost; spends nothing",
+        "show exactly what a study would release and cost; spends nothing (warns, locally, "
+        "when many rows of the export are quarantined)",
         _preview,
         study=True,
     )
@@ -252,9 +254,17 @@ def _refused(args: argparse.Namespace, r: Refused) -> int:
 
 
 def _ledger_failed(exc: LedgerError) -> int:
-    """The ledger, its anchor or the signing key is missing or does not match."""
+    """The ledger, its anchor or the signing key is missing, unusable or does not match."""
     print(f"ledger unusable: {exc}", file=sys.stderr)
     return ExitCode.AUDIT
+
+
+def _warn_quarantine(counts: IntakeCounts, config: Path) -> None:
+    """On stderr, after the command's own output: a warning changes neither what the
+    command prints or writes nor its exit code."""
+    note = counts.warning(config)
+    if note is not None:
+        print(f"warning: {note}", file=sys.stderr)
 
 
 def _preview(args: argparse.Namespace) -> int:
@@ -262,9 +272,16 @@ def _preview(args: argparse.Namespace) -> int:
     try:
         req = load_study_request(args.study)
         doc = engine.preview(req)
+    except LedgerUnusable as r:
+        return _ledger_failed(r.error)
     except Refused as r:
         return _refused(args, r)
     _emit(args, doc, _print_preview)
+    if doc["outcome"] in ("release", "await approval"):  # the export would be read
+        # The engine's preview reads no data; this local check does, as `check` would.
+        with contextlib.suppress(DataError):
+            intake = read_intake(engine.site.data, engine.site.instruments)
+            _warn_quarantine(intake.counts, args.config)
     return ExitCode.OK
 
 
@@ -326,9 +343,14 @@ def _release(args: argparse.Namespace) -> int:
             if r.code is ErrorCode.MALFORMED_STUDY:
                 engine.record_malformed(channel="cli", raw=_head(args.study), detail=r.detail)
             raise
-        body = engine.release(req)
+        read: list[IntakeCounts] = []
+        body = engine.release(req, on_intake=read.append)
+    except LedgerUnusable as r:
+        return _ledger_failed(r.error)
     except Refused as r:
         return _refused(args, r)
+    for counts in read:  # none when the cache answered
+        _warn_quarantine(counts, args.config)
     try:
         _write_atomically(args.out, body)
     except OSError as exc:
@@ -529,8 +551,13 @@ def _audit(args: argparse.Namespace) -> int:
     engine = _engine(args)
     try:  # opened unchecked, so that --verify can list what is wrong
         with engine.ledger(check=False) as led:
-            entries = led.audit_entries()
             problems = led.verify_audit() if args.verify else []
+            try:
+                entries = led.audit_entries()
+            except LedgerError:
+                if not problems:
+                    raise
+                entries = []  # unreadable; the problems say why
     except LedgerError as exc:
         return _ledger_failed(exc)
     doc = {
@@ -585,14 +612,17 @@ def _pubkey(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from site_agent.service import serve  # noqa: PLC0415 - gRPC is loaded only to serve
 
-    serve(args.config, args.socket, args.socket_group)
+    try:  # the service does not start on a ledger it cannot use
+        serve(args.config, args.socket, args.socket_group)
+    except LedgerError as exc:
+        return _ledger_failed(exc)
     return ExitCode.OK
 
 
 def _intake(args: argparse.Namespace) -> tuple[SiteConfig, Intake, Path, bool]:
     cfg = load_site_config(args.config)
     intake = read_intake(cfg.data, cfg.instruments)
-    report = args.quarantine or cfg.source.parent / "quarantine.csv"
+    report = args.quarantine or default_quarantine_report(cfg.source)
     try:
         intake.quarantine.to_csv(report, index=False)
     except OSError as exc:
@@ -683,6 +713,7 @@ def _summary(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
     else:
         _print_summary(doc)
+    _warn_quarantine(intake.counts, args.config)
     return ExitCode.OK
 
 

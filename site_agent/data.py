@@ -54,9 +54,21 @@ from protocols.spec import did_you_mean
 from site_agent.config import DataSource
 from site_agent.errors import DataError
 
-__all__ = ["QUARANTINE_COLUMNS", "Intake", "Records", "check_export", "read_intake"]
+__all__ = [
+    "QUARANTINE_COLUMNS",
+    "QUARANTINE_WARNING_SHARE",
+    "Intake",
+    "IntakeCounts",
+    "Records",
+    "check_export",
+    "default_quarantine_report",
+    "read_intake",
+]
 
 QUARANTINE_COLUMNS = ("file", "line", "field", "value", "reason", "fix")
+# From this share of quarantined rows on, the commands that use the data warn the operator
+# (locally: the warning never leaves the site and changes nothing that does).
+QUARANTINE_WARNING_SHARE = 0.10
 _NO_DATE = np.iinfo(np.int32).min
 _INT_RE = r"^-?[0-9]+(\.0*)?$"  # no "+": pyarrow's cast rejects it
 _NUMBER_RE = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
@@ -125,6 +137,43 @@ class Intake:
     @property
     def rows_quarantined(self) -> int:
         return int(self.quarantine["line"].nunique()) if len(self.quarantine) else 0
+
+    @property
+    def counts(self) -> IntakeCounts:
+        return IntakeCounts(
+            path=self.path, rows_read=self.rows_read, rows_quarantined=self.rows_quarantined
+        )
+
+
+def default_quarantine_report(config: Path) -> Path:
+    """Where ``check`` writes the quarantine report unless told otherwise."""
+    return config.parent / "quarantine.csv"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IntakeCounts:
+    """How many rows intake read and quarantined: all a local warning needs (no records)."""
+
+    path: Path
+    rows_read: int
+    rows_quarantined: int
+
+    @property
+    def share(self) -> float:
+        return self.rows_quarantined / self.rows_read if self.rows_read else 0.0
+
+    def warning(self, config: Path) -> str | None:
+        """The operator's warning when at least QUARANTINE_WARNING_SHARE of the rows were
+        quarantined (None below it), naming the command that lists the fixes."""
+        if self.rows_read == 0 or self.share < QUARANTINE_WARNING_SHARE:
+            return None
+        return (
+            f"{self.rows_quarantined:,} of {self.rows_read:,} rows of {self.path} "
+            f"({self.share:.0%}) are quarantined and left out of what is computed from the "
+            f"export. `outcomebench-site check --config {config}` lists every problem with "
+            f"its fix and writes the quarantine report ({default_quarantine_report(config)}). "
+            "This warning is local only: nothing about it leaves the site"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,14 +301,9 @@ def _unreadable(src: DataSource, exc: Exception) -> DataError:
     return DataError(
         str(src.path),
         f"cannot read the file as {src.format} ({exc.__class__.__name__}: "
-        f"{_printable(str(exc).splitlines()[0] if str(exc) else '')[:200]}); export it again "
+        f"{(str(exc).splitlines() or [''])[0][:200]}); export it again "
         f"as UTF-8 {'CSV with a header line' if src.format == 'csv' else 'Parquet'}",
     )
-
-
-def _printable(text: str) -> str:
-    """``text`` with control characters escaped: file contents never reach a terminal raw."""
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 # Which Parquet types each field can be read from. Text and integers (and floats, which
@@ -423,7 +467,7 @@ def _check_columns(path: Path, names: list[str], wanted: Mapping[str, str]) -> N
         raise DataError(
             str(path),
             f"columns named in data.columns are not in the file: {'; '.join(missing)}. "
-            f"The file has: {_printable(', '.join(names))[:2000]}. Fix data.columns in "
+            f"The file has: {', '.join(names)[:2000]}. Fix data.columns in "
             "site.yaml.",
         )
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 from protocols.codes import MESSAGES, ErrorCode
-from protocols.errors import SpecError
+from protocols.errors import SpecError, printable
 
 __all__ = ["EXIT_HELP", "ConfigError", "DataError", "ExitCode", "refusal_exit"]
 
@@ -24,11 +24,12 @@ class ConfigError(SpecError):
 
 
 class DataError(ValueError):
-    """The outcome export cannot be used; the message names the file and the fix."""
+    """The outcome export cannot be used; the message names the file and the fix. It may
+    quote the file's header: control characters are escaped (protocols.errors.printable)."""
 
     def __init__(self, path: str, message: str) -> None:
         self.path = path
-        super().__init__(f"{path}: {message}")
+        super().__init__(printable(f"{path}: {message}"))
 
 
 class ExitCode(IntEnum):
@@ -62,7 +63,9 @@ EXIT_HELP: dict[ExitCode, str] = {
     ExitCode.DATA: "the data file cannot be used (missing, unreadable, no valid rows, or "
     "refused whole under --strict); see the quarantine report",
     ExitCode.AUDIT: "the audit log failed verification (edited, reordered or truncated), or "
-    "the ledger, its anchor or the signing key is missing or does not match: restore it",
+    "the ledger, its anchor or the signing key is missing, unusable (state dir not a "
+    "writable directory, ledger not a SQLite database) or does not match: the message says "
+    "which file and the fix",
     **{ExitCode[c.name]: f"refused: {MESSAGES[c]}" for c in ErrorCode},
     ExitCode.INTERNAL: "internal error: this is a bug, please report it",
 }

@@ -12,11 +12,20 @@ SIGTERM or SIGINT, then reports NOT_SERVING on the standard gRPC health service,
 running requests finish within a grace period, and removes its socket.
 
 Startup problems (no privacy policy, an unusable socket path, another agent already
-serving on it) raise :class:`~site_agent.errors.ConfigError` naming the fix.
+serving on it) raise :class:`~site_agent.errors.ConfigError` naming the fix; a ledger,
+anchor or signing key that cannot be used raises its
+:class:`~site_agent.privacy.LedgerError`, and the service does not start. The health
+service says SERVING only while the ledger can be used: a call that finds it unusable
+turns it NOT_SERVING at once, and a probe that opens the ledger every
+``HEALTH_PROBE_SECONDS`` sets it again (so a restored ledger serves without a restart).
+
+A release that reads an export with many quarantined rows logs a warning (locally; the
+reply is the same, see :meth:`IntakeCounts.warning <site_agent.data.IntakeCounts.warning>`).
 """
 
 from __future__ import annotations
 
+import functools
 import grp
 import json
 import logging
@@ -49,11 +58,20 @@ from protocols.limits import (
 from protocols.release import parse_envelope
 from protocols.study import SCHEMA_VERSION, Family, study_from_canonical
 from site_agent.agent_client import SERVICE_NAME
+from site_agent.data import IntakeCounts
 from site_agent.errors import ConfigError
-from site_agent.privacy import LedgerError, Refused, ReleaseEngine, StudyRequest, load_engine
+from site_agent.privacy import (
+    LedgerError,
+    LedgerUnusable,
+    Refused,
+    ReleaseEngine,
+    StudyRequest,
+    load_engine,
+)
 
 __all__ = [
     "GRACE_SECONDS",
+    "HEALTH_PROBE_SECONDS",
     "SOCKET_NAME",
     "AgentServer",
     "SiteAgentService",
@@ -64,6 +82,7 @@ __all__ = [
 
 SOCKET_NAME = "agent.sock"  # default: <state_dir>/agent.sock
 GRACE_SECONDS = 5.0
+HEALTH_PROBE_SECONDS = 30.0  # how often the health service re-checks the ledger
 WORKERS = 4  # requests run in parallel; the ledger serialises spending across processes
 MAX_CONCURRENT_RPCS = 32  # beyond this, callers get RESOURCE_EXHAUSTED instead of a queue
 _SUN_PATH_MAX = 107  # bytes in a Unix socket path (sockaddr_un.sun_path less its NUL)
@@ -115,11 +134,25 @@ def _error(code: ErrorCode) -> pb.Error:
     return pb.Error(code=str(code), message=MESSAGES[code])
 
 
-class SiteAgentService(pb_grpc.SiteAgentServicer):
-    """The servicer: every study goes through the one engine it holds."""
+def _log_quarantine(study_id: str, config: Path, counts: IntakeCounts) -> None:
+    note = counts.warning(config)
+    if note is not None:
+        log.warning("Release study %r: %s", study_id, note)
 
-    def __init__(self, engine: ReleaseEngine) -> None:
+
+class SiteAgentService(pb_grpc.SiteAgentServicer):
+    """The servicer: every study goes through the one engine it holds.
+
+    ``ledger_failed`` is told of every call that found the ledger unusable (the server
+    turns its health NOT_SERVING)."""
+
+    def __init__(
+        self,
+        engine: ReleaseEngine,
+        ledger_failed: Callable[[LedgerError], None] = lambda _: None,
+    ) -> None:
         self.engine = engine
+        self.ledger_failed = ledger_failed
 
     # -- the study calls: a code and a fixed message on failure, detail logged --------
 
@@ -137,6 +170,10 @@ class SiteAgentService(pb_grpc.SiteAgentServicer):
                 raise
             label = f"study {req.study.id!r} ({req.study.hash[:12]})"
             body = run(req)
+        except LedgerUnusable as r:
+            log.error("%s %s: refused %s: ledger unusable: %s", method, label, r.code, r.error)
+            self.ledger_failed(r.error)
+            return r.code
         except Refused as r:
             log.info("%s %s: refused %s: %s", method, label, r.code, _clip(r.detail) or "-")
             return r.code
@@ -167,7 +204,11 @@ class SiteAgentService(pb_grpc.SiteAgentServicer):
     def Release(  # noqa: N802 - the name is the proto's
         self, request: pb.StudyMessage, context: grpc.ServicerContext
     ) -> pb.ReleaseReply:
-        out = self._answer("Release", request, self.engine.release)
+        def run(req: StudyRequest) -> bytes:
+            warn = functools.partial(_log_quarantine, req.study.id, self.engine.site.source)
+            return self.engine.release(req, on_intake=warn)
+
+        out = self._answer("Release", request, run)
         if isinstance(out, ErrorCode):
             return pb.ReleaseReply(error=_error(out))
         return pb.ReleaseReply(release=out)
@@ -177,6 +218,10 @@ class SiteAgentService(pb_grpc.SiteAgentServicer):
     def _plain(self, method: str, context: grpc.ServicerContext, run: Callable[[], _T]) -> _T:
         try:
             out = run()
+        except LedgerError as exc:
+            log.error("%s: ledger unusable: %s", method, exc)
+            self.ledger_failed(exc)
+            context.abort(grpc.StatusCode.INTERNAL, MESSAGES[ErrorCode.INTERNAL_ERROR])
         except Exception as exc:
             log.exception("%s: internal error (%s)", method, exc.__class__.__name__)
             context.abort(grpc.StatusCode.INTERNAL, MESSAGES[ErrorCode.INTERNAL_ERROR])
@@ -278,6 +323,7 @@ class AgentServer:
         *,
         workers: int = WORKERS,
         socket_group: str | None = None,
+        health_probe: float = HEALTH_PROBE_SECONDS,
     ) -> None:
         self.engine = engine
         # A SuperNode running as another OS user reaches the agent through a shared group;
@@ -286,15 +332,50 @@ class AgentServer:
         self.socket_path = Path(os.path.abspath(socket_path))
         self.workers = workers
         self.health = health.HealthServicer()
+        self.health_probe = health_probe
         self._server: grpc.Server | None = None
         self._inode: tuple[int, int] | None = None
+        self._serving = False
+        self._serving_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._prober: threading.Thread | None = None
+
+    def _set_serving(self, problem: LedgerError | None) -> None:
+        """SERVING when the ledger can be used (``problem`` None), else NOT_SERVING;
+        each change is logged once."""
+        serving = problem is None
+        with self._serving_lock:
+            if serving == self._serving:
+                return
+            self._serving = serving
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, status)
+        if problem is None:
+            log.info("the ledger can be used again: health SERVING")
+        else:
+            log.error("ledger unusable: %s; health NOT_SERVING until it is fixed", problem)
+
+    def _probe(self) -> None:
+        """Open (and so verify) the ledger every ``health_probe`` seconds until stopped."""
+        while not self._stopping.wait(self.health_probe):
+            try:
+                self.engine.ledger().close()
+            except LedgerError as exc:
+                self._set_serving(exc)
+            except Exception as exc:  # a bug: the probe must go on
+                log.exception("health probe: internal error (%s)", exc.__class__.__name__)
+            else:
+                self._set_serving(None)
 
     def start(self) -> None:
-        try:  # fail closed at start: a missing or mismatched ledger, anchor or key
-            self.engine.ledger().close()
-        except LedgerError as exc:
-            where = str(self.engine.policy.state_dir)
-            raise ConfigError(where, [f"{exc}"]) from None
+        # Fail closed at start: a missing, unusable or mismatched ledger, anchor or key
+        # raises its LedgerError, and nothing listens.
+        self.engine.ledger().close()
         _prepare_socket(self.socket_path)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="site-agent"),
@@ -302,7 +383,7 @@ class AgentServer:
             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         )
         pb_grpc.add_SiteAgentServicer_to_server(  # type: ignore[no-untyped-call]
-            SiteAgentService(self.engine), server
+            SiteAgentService(self.engine, ledger_failed=self._set_serving), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         where = str(self.socket_path)
@@ -333,8 +414,13 @@ class AgentServer:
         st = self.socket_path.lstat()
         self._inode = (st.st_dev, st.st_ino)
         self._server = server
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        with self._serving_lock:  # the ledger was just opened: serving (logged below)
+            self._serving = True
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._stopping.clear()
+        self._prober = threading.Thread(target=self._probe, name="site-agent-health", daemon=True)
+        self._prober.start()
         log.info(
             "site %s: serving %s on unix:%s (state %s)",
             self.engine.site.site_id,
@@ -348,6 +434,10 @@ class AgentServer:
         server, self._server = self._server, None
         if server is None:
             return
+        self._stopping.set()
+        if self._prober is not None:
+            self._prober.join()
+            self._prober = None
         self.health.enter_graceful_shutdown()
         server.stop(grace).wait()
         try:

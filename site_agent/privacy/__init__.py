@@ -6,6 +6,7 @@ Public face: the policy, the engine (the one release path) and the ledger.
 from site_agent.privacy.engine import (
     Action,
     Decision,
+    LedgerUnusable,
     Plan,
     Refused,
     ReleaseEngine,
@@ -25,6 +26,7 @@ __all__ = [
     "Ledger",
     "LedgerError",
     "LedgerRefusal",
+    "LedgerUnusable",
     "Plan",
     "PrivacyPolicy",
     "Refused",

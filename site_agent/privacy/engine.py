@@ -15,13 +15,17 @@ study's range or bands are not counted, values are clipped, an instrument withou
 episodes contributes zeros; and if computing the exact blocks fails all the same, the
 noised empty contribution is released and the failure is recorded in the audit log
 (``compute_failed``), never shown to the coordinator.
+
+A ledger that cannot be used (missing, corrupt, not writable, not matching its anchor) is
+:class:`LedgerUnusable`: a ``Refused(INTERNAL_ERROR)`` for the wire that carries the
+ledger's own :class:`LedgerError` for the site's operators.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
-import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -42,7 +46,7 @@ from protocols.release import Envelope, NoisyBlock, SiteRelease
 from protocols.study import Study, read_study_file
 from site_agent import crypto
 from site_agent.config import SiteConfig, load_site_config
-from site_agent.data import check_export, read_intake
+from site_agent.data import IntakeCounts, check_export, read_intake
 from site_agent.errors import ConfigError, DataError
 from site_agent.outcomes import derive_episodes
 from site_agent.privacy.accounting import (
@@ -62,6 +66,7 @@ from site_agent.privacy.statistics import empty_blocks, exact_blocks, select_epi
 __all__ = [
     "Action",
     "Decision",
+    "LedgerUnusable",
     "Plan",
     "Refused",
     "ReleaseEngine",
@@ -85,6 +90,18 @@ class Refused(Exception):
     @property
     def message(self) -> str:
         return MESSAGES[self.code]
+
+
+class LedgerUnusable(Refused):
+    """The ledger, its anchor or the signing key cannot be used: nothing is answered.
+    Over the wire it is ``internal_error``; locally ``error`` says what and the fix."""
+
+    def __init__(self, error: LedgerError) -> None:
+        self.error = error
+        super().__init__(ErrorCode.INTERNAL_ERROR, str(error))
+
+
+OnIntake = Callable[[IntakeCounts], None]
 
 
 class _Queued(Refused):
@@ -279,17 +296,17 @@ class ReleaseEngine:
         try:
             return self.ledger()
         except LedgerError as exc:
-            raise Refused(ErrorCode.INTERNAL_ERROR, str(exc)) from None
+            raise LedgerUnusable(exc) from None
 
     def preview(self, req: StudyRequest) -> dict[str, Any]:
         """Exactly what would leave and what it would cost. Spends nothing, reads no data.
-        Refused(INTERNAL_ERROR) when the ledger cannot be trusted (as release would)."""
+        LedgerUnusable when the ledger cannot be used or trusted (as release would)."""
         try:
             with self._open() as led:
                 status = led.status()
                 decision = self.decide(req, led)
         except LedgerError as exc:
-            raise Refused(ErrorCode.INTERNAL_ERROR, str(exc)) from None
+            raise LedgerUnusable(exc) from None
         delta = self.policy.delta
         doc: dict[str, Any] = {
             "site_id": self.site.site_id,
@@ -356,16 +373,19 @@ class ReleaseEngine:
 
     # -- the release path -----------------------------------------------------------
 
-    def release(self, req: StudyRequest) -> bytes:
-        """Answer a study: the signed release envelope (JSON bytes), or raise Refused.
+    def release(self, req: StudyRequest, *, on_intake: OnIntake | None = None) -> bytes:
+        """Answer a study: the signed release envelope (JSON bytes), or raise Refused
+        (LedgerUnusable when the ledger cannot be used).
 
         All work on one study id is serialised (:meth:`Ledger.study_lock`), so concurrent
-        identical requests are charged once and the later ones get the cached release."""
+        identical requests are charged once and the later ones get the cached release.
+        ``on_intake`` is told the export's row counts when this release reads the export
+        (a cached answer reads nothing), for a local warning; it cannot change the answer."""
         study = req.study
         try:
             with self._open() as led, led.study_lock(study.id):
                 try:
-                    return self._release(req, led)
+                    return self._release(req, led, on_intake)
                 except _Queued:
                     raise
                 except Refused as r:
@@ -381,17 +401,11 @@ class ReleaseEngine:
                     )
                     raise
         except LedgerError as exc:  # fail closed; nothing is written to a broken ledger
-            raise Refused(ErrorCode.INTERNAL_ERROR, str(exc)) from None
-        except sqlite3.Error as exc:
-            raise Refused(
-                ErrorCode.INTERNAL_ERROR,
-                f"the ledger in {self.policy.state_dir} failed ({exc}); check the state dir "
-                "is writable and not full",
-            ) from None
+            raise LedgerUnusable(exc) from None
 
     def record_malformed(self, *, channel: str, raw: bytes | None, detail: str) -> None:
         """Audit a release request whose study failed to parse (size, SHA-256 and the
-        fields at fault; never its text). Refused(INTERNAL_ERROR) if the ledger is broken."""
+        fields at fault; never its text). LedgerUnusable if the ledger is broken."""
         raw = raw or b""
         with self._open() as led:
             try:
@@ -402,9 +416,9 @@ class ReleaseEngine:
                     detail=detail,
                 )
             except LedgerError as exc:
-                raise Refused(ErrorCode.INTERNAL_ERROR, str(exc)) from None
+                raise LedgerUnusable(exc) from None
 
-    def _release(self, req: StudyRequest, led: Ledger) -> bytes:
+    def _release(self, req: StudyRequest, led: Ledger, on_intake: OnIntake | None) -> bytes:
         study = req.study
         decision = self.decide(req, led)
         if decision.action is Action.CACHED and decision.cached is not None:
@@ -452,7 +466,7 @@ class ReleaseEngine:
         # touched, and nothing that depends on them may change the kind of answer.
         # Nothing leaves until complete() has committed.
         try:
-            body = self._compute(plan, key, led)
+            body = self._compute(plan, key, led, on_intake)
         except Refused as r:  # only a bug independent of the data gets here
             raise Refused(r.code, r.detail, reservation=reservation) from None
         except Exception as exc:  # a bug: the budget stays reserved for a retry; nothing left
@@ -466,11 +480,15 @@ class ReleaseEngine:
         except LedgerRefusal as r:
             raise Refused(r.code, r.detail, reservation=reservation) from None
 
-    def _exact(self, plan: Plan) -> dict[str, npt.NDArray[np.int64]]:
+    def _exact(self, plan: Plan, on_intake: OnIntake | None) -> dict[str, npt.NDArray[np.int64]]:
         """The study's exact blocks from the export (raises only on a bug, or on a file
         that changed or vanished since :func:`check_export`)."""
         study, site = plan.study, self.site
         intake = read_intake(site.data, site.instruments)
+        if on_intake is not None:
+            # Local reporting only: whatever the hook does, the computation goes on.
+            with contextlib.suppress(Exception):
+                on_intake(intake.counts)
         instruments: Mapping[str, Any] = {**site.instruments, study.instrument.id: study.instrument}
         episodes = derive_episodes(intake.records, instruments, study.max_session)
         ep = episodes.get(study.instrument.id)
@@ -502,13 +520,15 @@ class ReleaseEngine:
             for b in plan.blocks
         )
 
-    def _compute(self, plan: Plan, key: Ed25519PrivateKey, led: Ledger) -> bytes:
+    def _compute(
+        self, plan: Plan, key: Ed25519PrivateKey, led: Ledger, on_intake: OnIntake | None
+    ) -> bytes:
         """The signed release, after budget is reserved. Total: if the exact blocks
         cannot be computed or noised, the noised empty contribution is released instead
         and the failure recorded locally, so the answer's kind never depends on the data."""
         study, pol, site = plan.study, self.policy, self.site
         try:
-            exact = self._exact(plan)
+            exact = self._exact(plan, on_intake)
             noisy = self._noised(plan, exact)
         except Exception as exc:
             led.audit(

@@ -27,6 +27,12 @@ an anchor that is missing or forged makes :class:`Ledger` raise :class:`LedgerEr
 (the message names the file and the fix): the agent refuses to release rather than start
 afresh. Only a truly fresh site (no ledger, no anchor, no key) is initialised.
 
+**Unusable state.** A state dir that is not a directory or not writable, a ledger file
+that is not a SQLite database or is damaged, a full disk: every such failure of SQLite
+or the file system, at opening or in any later call, is a :class:`LedgerError` that says
+which path, what is wrong and the fix (:meth:`Ledger._unusable`), never a bare
+``sqlite3`` or ``OSError``.
+
 **Concurrency.** Every write holds an exclusive ``flock`` on ``ledger.lock`` for its
 SQLite transaction and the anchor update, so writers (threads or processes) are
 serialised and the anchor never goes back. :meth:`Ledger.study_lock` serialises all
@@ -37,10 +43,13 @@ waits and is answered from the cache.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
+import pwd
 import re
 import secrets
 import sqlite3
@@ -49,7 +58,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -93,6 +102,8 @@ CREATE TABLE audit (
     seq INTEGER PRIMARY KEY, ts TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL,
     prev TEXT NOT NULL, hash TEXT NOT NULL);
 """
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 _TITLE_MAX = 200  # characters of a study title kept in the requests table
 _FIELD = re.compile(r"^\s*-\s*([A-Za-z0-9_.\[\]-]{1,64}):", re.MULTILINE)
 
@@ -227,6 +238,30 @@ def _canonical(doc: Any) -> str:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
 
+def _translated(
+    method: Callable[Concatenate[Ledger, _P], _R],
+) -> Callable[Concatenate[Ledger, _P], _R]:
+    """A ledger call whose SQLite or file system failure is a LedgerError naming the
+    path, what is wrong and the fix (:meth:`Ledger._unusable`)."""
+
+    @functools.wraps(method)
+    def call(self: Ledger, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except (OSError, sqlite3.Error) as exc:
+            raise self._unusable(exc) from None
+
+    return call
+
+
+def _user() -> str:
+    """The agent's OS user, as `chown` takes it."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
 class Ledger:
     """The ledger in ``state_dir``. Opening it initialises a fresh site or checks an
     existing one against its anchor; with ``check=False`` (``audit --verify``) a broken
@@ -261,11 +296,7 @@ class Ledger:
                     self._write_anchor()  # a crash between a commit and its checkpoint
         except (OSError, sqlite3.Error) as exc:
             self._abandon()
-            raise LedgerError(
-                f"{self.path}: cannot be opened ({exc.__class__.__name__}: {exc}); check that "
-                f"{state_dir} exists and is writable by the agent's user, or restore "
-                f"{LEDGER_FILE} from backup"
-            ) from None
+            raise self._unusable(exc) from None
         except BaseException:
             self._abandon()
             raise
@@ -408,6 +439,52 @@ class Ledger:
             "(`outcomebench-site audit --verify` lists every problem)"
         )
 
+    def _unusable(self, exc: OSError | sqlite3.Error) -> LedgerError:
+        """What a failure of the file system or SQLite means for the site: the path, what
+        is wrong with it, and the fix."""
+        state, ledger, text = self.state_dir, self.path, str(exc)
+        low = text.lower()
+        code = exc.errno if isinstance(exc, OSError) else None
+        where = Path(exc.filename) if isinstance(exc, OSError) and exc.filename else state
+        if isinstance(exc, NotADirectoryError) or (state.exists() and not state.is_dir()):
+            return LedgerError(
+                f"{state}: the privacy policy's state_dir is not a directory; move that file "
+                "aside, or set state_dir to the directory that holds the site's ledger"
+            )
+        if ledger.is_dir():
+            return LedgerError(
+                f"{ledger}: is a directory, not the ledger database; move it aside and "
+                f"restore {LEDGER_FILE} from backup"
+            )
+        if code in (errno.EACCES, errno.EPERM, errno.EROFS) or "readonly" in low:
+            user = _user()
+            return LedgerError(
+                f"{where}: permission denied: not writable by the agent's user {user} "
+                f"({text}); the agent writes {state} and the anchor {self.anchor_path}. "
+                f"Give {user} ownership of them (e.g. `chown -R {user} {state}`, "
+                f"`chmod 700 {state}`), or run the agent as the user that owns them"
+            )
+        if code == errno.ENOSPC or "disk is full" in low:
+            return LedgerError(f"{where}: the disk is full ({text}); free space on it")
+        if isinstance(exc, sqlite3.DatabaseError) and (
+            "not a database" in low or "malformed" in low or "corrupt" in low
+        ):
+            return LedgerError(
+                f"{ledger}: not a SQLite database, or damaged ({text}); nothing is released "
+                f"until {LEDGER_FILE} is restored (with its -wal file, if any) from the "
+                f"backup that matches the anchor {self.anchor_path}"
+            )
+        if "locked" in low:
+            return LedgerError(
+                f"{ledger}: locked by another process for too long ({text}); check for a "
+                "hung outcomebench-site process and stop it"
+            )
+        return LedgerError(
+            f"{ledger}: cannot be used ({exc.__class__.__name__}: {text}); check that "
+            f"{state} is a directory writable by the agent's user {_user()}, or restore "
+            f"{LEDGER_FILE} from backup"
+        )
+
     def close(self) -> None:
         self.db.close()
         self._close_lock()
@@ -460,11 +537,17 @@ class Ledger:
         Each call opens its own file description, so threads of one process exclude each
         other too; the kernel drops the lock of a process that dies."""
         locks = self.state_dir / "locks"
-        locks.mkdir(mode=0o700, exist_ok=True)
         name = hashlib.sha256(study_id.encode()).hexdigest()[:32] + ".lock"
-        fd = os.open(locks / name, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            locks.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(locks / name, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise self._unusable(exc) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                raise self._unusable(exc) from None
             yield
         finally:
             os.close(fd)  # releases the lock
@@ -723,20 +806,28 @@ class Ledger:
         return problems
 
     def verify_audit(self) -> list[str]:
-        """Every problem found in the chain, its cross-checks and the anchor (cached
-        release bodies are re-hashed); empty when intact."""
+        """Every problem found in the database file (SQLite's quick_check), the chain, its
+        cross-checks and the anchor (cached release bodies are re-hashed); empty when
+        intact."""
         try:
-            return self._problems(self._chain(), deep=True)
+            damage = [str(r[0]) for r in self.db.execute("PRAGMA quick_check(10)")]
+            problems = (
+                []
+                if damage == ["ok"]
+                else [
+                    f"{self.path}: the database file is damaged (SQLite: "
+                    f"{'; '.join(damage)}); restore it from backup"
+                ]
+            )
+            return problems + self._problems(self._chain(), deep=True)
         except sqlite3.Error as exc:
-            return [f"{self.path}: the ledger cannot be read ({exc}); restore it from backup"]
+            return [str(self._unusable(exc))]
 
+    @_translated
     def audit_entries(self) -> list[dict[str, Any]]:
-        try:
-            rows = self.db.execute(
-                "SELECT seq, ts, kind, body, prev, hash FROM audit ORDER BY seq"
-            ).fetchall()
-        except sqlite3.Error:
-            return []
+        rows = self.db.execute(
+            "SELECT seq, ts, kind, body, prev, hash FROM audit ORDER BY seq"
+        ).fetchall()
         return [
             {"seq": r[0], "ts": r[1], "kind": r[2], "body": _body(r[3]), "prev": r[4], "hash": r[5]}
             for r in rows
@@ -762,6 +853,7 @@ class Ledger:
         begin = start + dt.timedelta(days=n * self.period_days)
         return n, begin, begin + dt.timedelta(days=self.period_days - 1)
 
+    @_translated
     def status(self, period: int | None = None) -> Budget:
         """The budget of ``period`` (default: the current one) and what it spent."""
         chain = self._chain()
@@ -789,10 +881,12 @@ class Ledger:
                 return b
         return None
 
+    @_translated
     def charge_for(self, request_id: str, rho: Fraction) -> Fraction:
         """What reserving ``rho`` for this request would add to the spending now."""
         return Fraction(0) if self._reusable(self._chain(), request_id, rho) else rho
 
+    @_translated
     def cached(self, study_id: str) -> tuple[str, bytes] | None:
         """The cached release of ``study_id`` (its study hash and body). The body is
         checked against the SHA-256 in the audit chain: a swapped body is a LedgerError."""
@@ -812,6 +906,7 @@ class Ledger:
             )
         return str(row[0]), body
 
+    @_translated
     def reserve(
         self, *, request_id: str, study_id: str, study_hash: str, rho: Fraction, cap: Fraction
     ) -> Reservation:
@@ -865,6 +960,7 @@ class Ledger:
             self._append("reserved", entry | {"spend_id": spend_id})
         return Reservation(spend_id=spend_id, rho=rho, request_id=request_id)
 
+    @_translated
     def complete(
         self,
         res: Reservation,
@@ -960,6 +1056,7 @@ class Ledger:
             ),
         )
 
+    @_translated
     def record(
         self,
         kind: str,
@@ -1002,6 +1099,7 @@ class Ledger:
                     code=code,
                 )
 
+    @_translated
     def audit(self, kind: str, body: dict[str, Any]) -> None:
         """Append a free-form entry (e.g. an operator's note). The kinds that carry the
         account (genesis, reserved, reused, released, discarded) are written only by the
@@ -1011,6 +1109,7 @@ class Ledger:
         with self._write():
             self._append(kind, body)
 
+    @_translated
     def record_malformed(self, *, channel: str, size: int, sha256: str, detail: str) -> None:
         """Audit a study that failed to parse: its size, its SHA-256 and the names of the
         fields at fault (bounded; never the raw text)."""
@@ -1027,6 +1126,7 @@ class Ledger:
                 },
             )
 
+    @_translated
     def request_state(self, request_id: str) -> str | None:
         """The privacy officer's decision on a request: pending, approved, denied, or None."""
         row = self.db.execute(
@@ -1034,6 +1134,7 @@ class Ledger:
         ).fetchone()
         return None if row is None or row[0] is None else str(row[0])
 
+    @_translated
     def add_pending(
         self,
         *,
@@ -1066,6 +1167,7 @@ class Ledger:
                 },
             )
 
+    @_translated
     def decide(self, request_id: str, approve: bool) -> dict[str, Any]:
         with self._write():
             row = self.db.execute(
@@ -1083,6 +1185,7 @@ class Ledger:
             self._append(state, {"request_id": request_id, "study_id": row[0], "previous": row[1]})
         return {"request_id": request_id, "study_id": row[0], "state": state}
 
+    @_translated
     def requests(self) -> list[dict[str, Any]]:
         """Every request (one row per request id, its latest state)."""
         rows = self.db.execute(
@@ -1103,6 +1206,7 @@ class Ledger:
         )
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
+    @_translated
     def history(self) -> list[HistoryRow]:
         """Every request's outcome and every approval decision, oldest first, from the
         audit chain (so it is as tamper-evident as the chain), with the study's title."""

@@ -203,3 +203,118 @@ def test_period_report_shows_the_guarantees_the_budget_and_every_request(
     assert main(["period-report", "--config", config, "--out", str(report)]) == ExitCode.AUDIT
     assert "did NOT verify" in capsys.readouterr().out
     assert "did NOT verify" in report.read_text()
+
+
+# -- the local warning when much of the export is quarantined ----------------------------
+
+
+def _add_bad_rows(config: Path, k: int) -> int:
+    """Append ``k`` rows whose score is out of range; returns the export's rows before."""
+    data = config.parent / "outcomes.csv"
+    lines = data.read_text().splitlines()
+    bad = [f"Q-{i:05d},1,2026-01-05,PHQ-9,99,T-001,Room 1" for i in range(k)]
+    data.write_text("\n".join([*lines, *bad]) + "\n")
+    return len(lines) - 1
+
+
+def _warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "quarantined" in line]
+
+
+@pytest.mark.parametrize(
+    ("share", "warned"),
+    [("just-below", False), ("at-threshold", True), ("two-thirds", True)],
+)
+def test_preview_release_and_summary_warn_locally_when_many_rows_are_quarantined(
+    share: str, warned: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml  # noqa: PLC0415
+
+    from .privacy_helpers import STUDY, make_site  # noqa: PLC0415
+
+    config = make_site(tmp_path / "clinic")
+    n = len((config.parent / "outcomes.csv").read_text().splitlines()) - 1
+    # QUARANTINE_WARNING_SHARE is 10%: k/(n+k) >= 1/10 exactly when 9k >= n.
+    k = {"just-below": (n - 1) // 9, "at-threshold": -(-n // 9), "two-thirds": 2 * n}[share]
+    assert _add_bad_rows(config, k) == n
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"study": STUDY}))
+    cfg, out = str(config), tmp_path / "release.json"
+
+    def expect_warning(err: str) -> None:
+        notes = _warnings(err)
+        if not warned:
+            assert notes == []
+            return
+        [note] = notes
+        assert note.startswith("warning: ") and f"{k:,} of {n + k:,} rows" in note
+        assert f"({k / (n + k):.0%})" in note
+        if share == "two-thirds":
+            assert "(67%)" in note  # the case seen in the field
+        assert f"`outcomebench-site check --config {cfg}` lists every problem" in note
+        assert str(config.parent / "quarantine.csv") in note and "local only" in note
+
+    assert main(["preview", "--config", cfg, "--study", str(study), "--json"]) == ExitCode.OK
+    stdout, err = capsys.readouterr()
+    assert json.loads(stdout)["outcome"] == "release" and "quarantin" not in stdout
+    expect_warning(err)
+
+    assert main(["release", "--config", cfg, "--study", str(study), "--out", str(out),
+                 "--json"]) == ExitCode.OK
+    stdout, err = capsys.readouterr()
+    assert set(json.loads(stdout)) == {"written", "study_id", "study_hash", "sha256"}
+    assert b"quarantin" not in out.read_bytes()  # nothing of it leaves the site
+    expect_warning(err)
+
+    # The cached release reads nothing, so it warns of nothing.
+    assert main(["release", "--config", cfg, "--study", str(study), "--out", str(out)]) == 0
+    assert _warnings(capsys.readouterr().err) == []
+
+    assert main(["summary", "--config", cfg, "--json"]) == ExitCode.OK
+    stdout, err = capsys.readouterr()
+    assert json.loads(stdout)["rows_quarantined"] == k
+    expect_warning(err)
+
+
+# -- control characters in the export never reach the terminal ---------------------------
+
+_ESCAPES = b"\x1b[2J\x1b]0;owned\x07\t\x08\xc2\x9b"  # ends with U+009B, the 8-bit CSI
+
+
+@pytest.mark.parametrize("where", ["near-miss-header", "extra-header-and-values"])
+def test_control_characters_in_the_export_never_reach_the_terminal(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml  # noqa: PLC0415
+
+    from .privacy_helpers import STUDY, make_site  # noqa: PLC0415
+
+    config = make_site(tmp_path / "clinic")
+    data = config.parent / "outcomes.csv"
+    header, rest = data.read_bytes().split(b"\n", 1)
+    if where == "near-miss-header":  # the score column misspelt: the file is refused
+        header = header.replace(b"total", b"tot\x1b[2Jal").replace(b"room", b"room" + _ESCAPES)
+    else:  # an extra column named with escapes and bytes that are not UTF-8, bad values
+        header += b"," + _ESCAPES + b"\xff\xfe"
+        rows = [r + b",x" for r in rest.splitlines()]
+        rows[0] = rows[0].replace(b",PHQ-9,", b",PHQ" + _ESCAPES + b"-9,")
+        rows[1] = rows[1].replace(b",PHQ-9,", b",PHQ-9,1" + _ESCAPES)
+        rest = b"\n".join(rows) + b"\n"
+    data.write_bytes(header + b"\n" + rest)
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"study": STUDY}))
+    cfg = str(config)
+    seen = ""
+    for argv in (["check"], ["summary"], ["preview", "--study", str(study)],
+                 ["release", "--study", str(study), "--out", str(tmp_path / "r.json")]):
+        for as_json in ([], ["--json"]):
+            main([*argv, "--config", cfg, *as_json])
+            out, err = capsys.readouterr()
+            raw = {c for c in out + err if not c.isprintable() and c != "\n"}
+            assert not raw, (argv, as_json, raw, err)
+            seen += out + err
+    # ... and the operator still sees what is wrong, escaped.
+    if where == "near-miss-header":
+        assert "did you mean 'tot\\x1b[2Jal'" in seen and "room\\x1b[2J\\x1b]0;owned\\x07" in seen
+    else:
+        assert "unknown instrument 'PHQ\\x1b[2J" in seen

@@ -1,12 +1,19 @@
 from __future__ import annotations
 
+import errno
 import json
 import os
+import random
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -185,3 +192,144 @@ def _audit_kinds(config: Path) -> list[str]:
     with contextlib.redirect_stdout(buf):
         assert main(["audit", "--config", str(config), "--verify", "--json"]) == 0
     return [e["kind"] for e in json.loads(buf.getvalue())["entries"]]
+
+
+# -- an unusable state dir is the ledger's own error, with the path and the fix ----------
+
+
+def _with_history(tmp: Path) -> tuple[Path, Path, Path]:
+    """A site that released one study: (site.yaml, state dir, study.yaml)."""
+    config = make_site(tmp / "clinic")
+    study = tmp / "study.yaml"
+    study.write_text(yaml.safe_dump({"study": STUDY}))
+    assert main(["release", "--config", str(config), "--study", str(study), "--out",
+                 str(tmp / "first.json")]) == 0
+    return config, config.parent / "state", study
+
+
+def _state_dir_is_a_file(state: Path) -> None:
+    shutil.rmtree(state)
+    state.write_text("not a directory")
+
+
+def _garbage_ledger(state: Path) -> None:
+    (state / "ledger.sqlite").write_bytes(random.Random(7).randbytes(20_000))
+
+
+def _ledger_is_a_directory(state: Path) -> None:
+    (state / "ledger.sqlite").unlink()
+    (state / "ledger.sqlite").mkdir()
+
+
+def _damage_table(state: Path, table: str) -> None:
+    """Overwrite ``table``'s root page with garbage, as a bad disk block would."""
+    db = state / "ledger.sqlite"
+    with closing(sqlite3.connect(db)) as c:
+        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page = c.execute("PRAGMA page_size").fetchone()[0]
+        [root] = c.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()
+    with db.open("r+b") as fh:
+        fh.seek((root - 1) * page)
+        fh.write(b"\xff" * page)
+
+
+_EVERY_LEDGER_COMMAND = ("preview", "release", "budget", "requests", "history", "approve",
+                         "deny", "audit", "audit --verify", "pubkey")
+# What each breakage does, the words that say so, and the commands it breaks.
+BREAKAGES: dict[str, tuple[Callable[[Path], None], str, tuple[str, ...]]] = {
+    "state-dir-is-a-file": (_state_dir_is_a_file, "state_dir is not a directory",
+                            _EVERY_LEDGER_COMMAND),
+    "ledger-is-garbage": (_garbage_ledger, "not a SQLite database", _EVERY_LEDGER_COMMAND),
+    "ledger-is-a-directory": (_ledger_is_a_directory, "is a directory, not the ledger",
+                              _EVERY_LEDGER_COMMAND),
+    "audit-table-damaged": (lambda s: _damage_table(s, "audit"), "damaged",
+                            _EVERY_LEDGER_COMMAND),
+    # Opening reads no request; only what lists them meets the damage.
+    "requests-table-damaged": (lambda s: _damage_table(s, "requests"), "damaged",
+                               ("requests", "history", "audit --verify")),
+}
+
+
+def _run(command: str, config: Path, tmp: Path, study: Path) -> list[str]:
+    words = command.split()
+    extra = {
+        "preview": ["--study", str(study)],
+        "release": ["--study", str(study), "--out", str(tmp / "again.json")],
+        "approve": ["some-request"],
+        "deny": ["some-request"],
+    }.get(words[0], [])
+    return [words[0], "--config", str(config), *words[1:], *extra]
+
+
+@pytest.mark.parametrize("name", list(BREAKAGES))
+def test_an_unusable_state_dir_is_a_ledger_error_naming_the_path_and_the_fix(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, state, study = _with_history(tmp_path)
+    breakage, words, broken = BREAKAGES[name]
+    breakage(state)
+    capsys.readouterr()
+    for command in _EVERY_LEDGER_COMMAND:
+        code = main(_run(command, config, tmp_path, study))
+        out, err = capsys.readouterr()
+        assert "internal error" not in err and "this is a bug" not in err, (command, err)
+        if command not in broken:
+            continue
+        assert code == ExitCode.AUDIT, (command, code, out, err)
+        if command == "audit --verify" and "ledger unusable" not in err:
+            assert "audit chain: BROKEN" in out and words in out, (command, out)
+            continue
+        assert "ledger unusable: " in err and words in err, (command, err)
+        assert str(state) in err, (command, err)  # names the path
+        assert command != "release" or not (tmp_path / "again.json").exists()
+    # serve does not start on it, and says why (same error, same exit code)
+    if "budget" in broken:
+        sock = tmp_path / "run" / "agent.sock"
+        proc = subprocess.run([sys.executable, "-m", "site_agent", "serve", "--config",
+                               str(config), "--socket", str(sock)],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == ExitCode.AUDIT, proc.stderr
+        assert "ledger unusable: " in proc.stderr and words in proc.stderr
+        assert not sock.exists()
+
+
+def test_a_state_dir_the_agent_may_not_write_is_permission_denied(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the kernel answers for a state dir owned by another user, or on a read-only
+    mount (EACCES), simulated so that the test also runs as root."""
+    config, state, study = _with_history(tmp_path)
+    real_open = os.open
+
+    def denied(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if state in Path(path).parents:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
+    capsys.readouterr()
+    for command in ("budget", "release", "preview", "history"):
+        assert main(_run(command, config, tmp_path, study)) == ExitCode.AUDIT, command
+        err = capsys.readouterr().err
+        assert f"ledger unusable: {state / 'ledger.lock'}: permission denied" in err, err
+        assert "not writable by the agent's user" in err and "chown -R" in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod; the simulated "
+                    "EACCES test above covers the message")
+def test_a_read_only_state_dir_is_permission_denied(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, state, study = _with_history(tmp_path)
+    modes = {p: p.stat().st_mode for p in [state, *state.iterdir()]}
+    for p in modes:
+        p.chmod(0o500 if p.is_dir() else 0o400)
+    try:
+        capsys.readouterr()
+        for command in ("budget", "release", "pubkey"):
+            assert main(_run(command, config, tmp_path, study)) == ExitCode.AUDIT, command
+            err = capsys.readouterr().err
+            assert "ledger unusable: " in err and "permission denied" in err, err
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)

@@ -26,7 +26,7 @@ from protocols.instruments import parse_instrument
 from protocols.release import SiteRelease, parse_envelope
 from protocols.study import parse_study
 from site_agent import crypto
-from site_agent.data import Records, read_intake
+from site_agent.data import IntakeCounts, Records, read_intake
 from site_agent.outcomes import derive_episodes
 from site_agent.privacy import Approval, Refused, ReleaseEngine, StudyRequest, load_study_request
 from site_agent.privacy import engine as engine_mod
@@ -169,6 +169,31 @@ def test_large_budget_release_matches_exact_statistics(tmp_path: Path) -> None:
         noisy = np.array(block.values)
         assert np.abs(noisy - exact[block.name]).max() <= 6 * block.scale + 1, block.name
     assert exact["episodes"].sum() > 20
+
+
+def test_the_intake_hook_sees_the_counts_and_cannot_change_the_release(tmp_path: Path) -> None:
+    """The local quarantine warning's hook: told the row counts once per release that
+    reads the export; a hook that fails changes nothing about what is released."""
+    huge = POLICY | {"per_study": {"rho": 10**4}, "budget": {"rho": 10**4}}
+    eng = engine(make_site(tmp_path, huge))
+    seen: list[IntakeCounts] = []
+
+    def broken_terminal(counts: IntakeCounts) -> None:
+        seen.append(counts)
+        raise OSError("the terminal went away")
+
+    req = request(privacy={"rho": 10**4})
+    body = eng.release(req, on_intake=broken_terminal)
+    intake = read_intake(eng.site.data, eng.site.instruments)
+    assert seen == [intake.counts] and intake.counts.rows_read > 0
+    with eng.ledger() as led:  # the real data were released, not the empty contribution
+        assert [e["kind"] for e in led.audit_entries()] == ["genesis", "reserved", "released"]
+    rel = SiteRelease.from_json(json.loads(parse_envelope(body, "release").payload))
+    [episodes] = [b for b in rel.blocks if b.name == "episodes"]
+    ep = derive_episodes(intake.records, eng.site.instruments, 20)["PHQ-9"]
+    exact = exact_blocks(select_episodes(ep, req.study, 1), req.study)["episodes"]
+    assert np.abs(np.array(episodes.values) - exact).max() <= 6 * episodes.scale + 1
+    assert eng.release(req, on_intake=broken_terminal) == body and len(seen) == 1  # cached
 
 
 def test_unusable_export_is_refused_before_reservation_at_no_cost(tmp_path: Path) -> None:
@@ -343,7 +368,7 @@ def test_preview_and_release_decide_alike_in_every_combination(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = engine(make_site(tmp_path / "site"))
-    monkeypatch.setattr(ReleaseEngine, "_compute", lambda self, plan, key, led: _FAST_BODY)
+    monkeypatch.setattr(ReleaseEngine, "_compute", lambda self, plan, key, led, on: _FAST_BODY)
     network = Ed25519PrivateKey.generate()
     _write_pub(tmp_path / "network.pem", network)
     plain = request()
@@ -431,11 +456,11 @@ def test_a_retry_after_a_failure_past_the_reservation_is_charged_once(
     eng = engine(make_site(tmp_path))
     real, calls = ReleaseEngine._compute, []
 
-    def fails_once(self: ReleaseEngine, plan: Any, key: Any, led: Any) -> bytes:
+    def fails_once(self: ReleaseEngine, plan: Any, key: Any, led: Any, on: Any) -> bytes:
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("a bug past the reservation")
-        return real(self, plan, key, led)
+        return real(self, plan, key, led, on)
 
     monkeypatch.setattr(ReleaseEngine, "_compute", fails_once)
     req = request()
@@ -487,7 +512,7 @@ from protocols.study import parse_study
 from site_agent.privacy import StudyRequest
 import yaml
 config, marker = sys.argv[1:3]
-def stuck(self, plan, key, led):
+def stuck(self, plan, key, led, on_intake):
     Path(marker).touch()
     time.sleep(600)
 ReleaseEngine._compute = stuck

@@ -906,10 +906,11 @@ def test_a_ledger_that_does_not_match_its_anchor_refuses_to_release(
     out = tmp_path / "new.json"
     code = main(["release", "--config", str(cfg), "--study", str(tmp_path / "new.yaml"),
                  "--out", str(out), "--json"])
-    assert code == ExitCode.INTERNAL_ERROR
-    doc = json.loads(capsys.readouterr().out)
-    assert doc["refused"] == "internal_error"  # all that would cross the wire
-    assert expected in doc["detail_local_only"], doc["detail_local_only"]
+    # The ledger's own error and exit code, as for every command (over the wire the
+    # service answers internal_error: test_service.py).
+    assert code == ExitCode.AUDIT
+    err = capsys.readouterr().err
+    assert "ledger unusable" in err and expected in err, err
     assert not out.exists()
     # Other commands fail closed too, naming the problem; --verify reports it (exit 5).
     assert main(["budget", "--config", str(cfg)]) == ExitCode.AUDIT
@@ -1020,13 +1021,12 @@ def test_an_old_schema_ledger_is_refused_with_the_fix(tmp_path: Path) -> None:
 
 
 def test_the_service_does_not_start_on_a_broken_ledger(tmp_path: Path) -> None:
-    from site_agent.errors import ConfigError  # noqa: PLC0415
     from site_agent.service import AgentServer  # noqa: PLC0415
 
     cfg, state, _ = _site_with_history(tmp_path)
     _delete_ledger(state)
     engine = ReleaseEngine(load_site_config(cfg), load_policy(tmp_path / "privacy.yaml"))
-    with pytest.raises(ConfigError, match=r"restore ledger\.sqlite"):
+    with pytest.raises(LedgerError, match=r"restore ledger\.sqlite"):
         AgentServer(engine, tmp_path / "agent.sock").start()
     assert not (tmp_path / "agent.sock").exists()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -231,29 +232,151 @@ def test_unexpected_errors_are_internal_error_without_text(
     assert "internal error (RuntimeError)" in caplog.text
 
 
-def test_concurrent_releases_never_exceed_the_budget(
-    agent: tuple[AgentServer, AgentClient, Path],
-) -> None:
-    _, client, _ = agent
-    answers: list[bytes | Refusal] = []
-    lock = threading.Lock()
+def _fire(calls: list[Callable[[], bytes | Refusal]]) -> list[bytes | Refusal]:
+    """Run the calls from as many threads, released together; their answers in order."""
+    answers: list[bytes | Refusal | None] = [None] * len(calls)
+    go = threading.Barrier(len(calls))
 
     def ask(i: int) -> None:
-        out = client.release(_study(id=f"study-{i}"))
-        with lock:
-            answers.append(out)
+        go.wait()
+        answers[i] = calls[i]()
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(calls))]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads)
+    assert all(a is not None for a in answers)
+    return [a for a in answers if a is not None]
+
+
+def _rho(body: bytes) -> Fraction:
+    return SiteRelease.from_json(json.loads(parse_envelope(body, "release").payload)).rho
+
+
+def test_24_concurrent_identical_releases_are_charged_once(
+    agent: tuple[AgentServer, AgentClient, Path],
+) -> None:
+    """The hardening finding: 24 concurrent identical gRPC calls made 4 spends."""
+    server, client, _ = agent
+    answers = _fire([lambda: client.release(_study())] * 24)
+    bodies = {a for a in answers if isinstance(a, bytes)}
+    assert len(bodies) == 1 and all(isinstance(a, bytes) for a in answers)
+    [body] = bodies
+    with server.engine.ledger() as led:
+        assert led.status().spent == _rho(body) > 0  # one study's rho, once
+        assert led.cached(STUDY["id"]) == (parse_study(STUDY).hash, body)  # the cached bytes
+        decisions = collections.Counter(h.decision for h in led.history())
+        kinds = collections.Counter(e["kind"] for e in led.audit_entries())
+        assert led.verify_audit() == []
+    assert decisions == {"released": 1, "cached": 23}
+    assert kinds["reserved"] == 1 and kinds["released"] == 1 and kinds["cached"] == 23
+    assert kinds["reused"] == kinds["discarded"] == 0
+    assert Fraction(client.status().spent_rho) == _rho(body)
+
+
+def test_24_concurrent_studies_never_spend_more_than_the_budget(
+    agent: tuple[AgentServer, AgentClient, Path],
+) -> None:
+    server, client, _ = agent
+    answers = _fire([
+        (lambda i=i: client.release(_study(id=f"study-{i}"))) for i in range(24)
+    ])
     released = [a for a in answers if isinstance(a, bytes)]
     refused = [a for a in answers if not isinstance(a, bytes)]
-    assert len(answers) == 8 and len(released) == 5  # each costs just under 0.05 of 0.25
+    [cost] = {_rho(b) for b in released}  # the same privacy request for every study
+    budget = server.engine.policy.budget_rho
+    assert 24 * cost > budget  # together they ask for more than the budget
+    assert len(released) == budget // cost == 5  # each costs just under 0.05 of 0.25
     assert set(refused) == {_refused(ErrorCode.BUDGET_EXHAUSTED)}
-    st = client.status()
-    assert 0 <= Fraction(st.remaining_rho) < Fraction(1, 20)
+    with server.engine.ledger() as led:
+        assert led.status().spent == len(released) * cost <= budget
+        assert led.verify_audit() == []
+    assert Fraction(client.status().spent_rho) == len(released) * cost
+
+
+def _wait_health(client: AgentClient, serving: bool, limit: float = 30.0) -> None:
+    deadline = time.monotonic() + limit
+    while client.health() != serving:
+        assert time.monotonic() < deadline, f"health never became serving={serving}"
+        time.sleep(0.05)
+
+
+def _replace(path: Path, body: bytes) -> None:
+    """Swap the file's content in one step, as a restore from backup would."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(body)
+    os.replace(tmp, path)
+
+
+def test_health_is_not_serving_while_the_ledger_is_unusable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    config = make_site(tmp_path / "clinic")
+    server = AgentServer(load_engine(config), tmp_path / "agent.sock", health_probe=0.2)
+    server.start()
+    ledger = server.engine.policy.state_dir / "ledger.sqlite"
+    try:
+        client = AgentClient(server.socket_path)
+        assert isinstance(client.release(_study()), bytes) and client.health()
+        good = ledger.read_bytes()
+        # Found by a call: NOT_SERVING at once (the call itself gets internal_error).
+        _replace(ledger, b"garbage, not a SQLite database" * 100)
+        assert client.release(_study(id="second")) == _refused(ErrorCode.INTERNAL_ERROR)
+        assert not client.health()
+        with pytest.raises(AgentUnavailable):
+            client.status()
+        # Restored from backup: the probe finds it usable again, no restart needed.
+        _replace(ledger, good)
+        _wait_health(client, serving=True)
+        assert client.release(_study()) != _refused(ErrorCode.INTERNAL_ERROR)
+        good = ledger.read_bytes()  # the copy that matches the anchor now
+        # Found by the probe alone, with no call at all.
+        _replace(ledger, b"")
+        _wait_health(client, serving=False)
+        _replace(ledger, good)
+        _wait_health(client, serving=True)
+    finally:
+        server.stop(grace=1.0)
+    text = caplog.text
+    assert "ledger unusable: " in text and "not a SQLite database" in text
+    assert text.count("health NOT_SERVING until it is fixed") == 2  # once per change
+    assert text.count("the ledger can be used again: health SERVING") == 2
+
+
+def _mostly_quarantined(config: Path) -> int:
+    """Add twice as many out-of-range rows as the export has (67% quarantined)."""
+    data = config.parent / "outcomes.csv"
+    lines = data.read_text().splitlines()
+    bad = [f"Q-{i:05d},1,2026-01-05,PHQ-9,99,T-001,Room 1" for i in range(2 * (len(lines) - 1))]
+    data.write_text("\n".join([*lines, *bad]) + "\n")
+    return len(bad)
+
+
+def test_a_release_of_a_mostly_quarantined_export_logs_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    config = make_site(tmp_path / "clinic")
+    bad = _mostly_quarantined(config)
+    server = _start(config, tmp_path / "agent.sock")
+    try:
+        client = AgentClient(server.socket_path)
+        preview = client.preview(_study())
+        assert isinstance(preview, bytes) and b"quarantin" not in preview
+        body = client.release(_study())
+        assert isinstance(body, bytes) and b"quarantin" not in body
+        assert client.release(_study()) == body  # cached: nothing read, nothing to warn of
+    finally:
+        server.stop(grace=1.0)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and "quarantined" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    [note] = warnings
+    assert note.startswith("Release study 'phq9-2026': ") and f"{bad:,} of " in note
+    assert "(67%)" in note and f"outcomebench-site check --config {config}" in note
 
 
 def test_socket_is_owner_only_and_removed_on_stop(tmp_path: Path) -> None:
