@@ -36,7 +36,7 @@ compiled by ``compile_block`` at the site's share of rho and released through
 the same measurement, independent draws per value). The releases are pooled by
 ``coordinator.pooling.pool`` and estimated by ``estimate_all``.
 
-rho = 1/20 per site is chosen so that the DP noise is most of the variance in the small
+rho = 0.05 per site is chosen so that the DP noise is most of the variance in the small
 band and a smaller part in the large band: the small band checks the noise propagation,
 the large one the sampling formula. (Layout version 2 made the noise about 20 times
 smaller in variance: at rho 1 the small band's noise share fell from 75-80% to 22% and
@@ -98,7 +98,7 @@ INSTRUMENT = "PHQ-9"
 SIZES = (800, 1200, 1600, 2000, 2400)  # clients per clinic in every repeated study
 POPULATION = 100_000  # clients in each clinic's population
 MAX_EPISODES = 1
-RHO = "1/20"  # per site
+RHO = "0.05"  # per site
 BANDS = ((0, 9), (10, 24), (25, 27))
 LARGE, SMALL = 1, 2  # the checked bands (indices into BANDS)
 REPS = 2000
