@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.pooling import Pooled
+from protocols.effect import effect_size
 from protocols.instruments import Better
 from protocols.layout import COUNT_BLOCK, TOLERANCES, category_possible, trajectory_groups
 from protocols.study import Family, Study
@@ -468,7 +469,7 @@ def _effect_size(
         return mc
     if ref.value is None:
         return suppressed(f"no reference SD: {ref.suppressed}")
-    value = mc.value / ref.value
+    value = effect_size(mc.value, ref.value)
     sampling = math.hypot(mc.se_sampling / ref.value, value * ref.se_sampling / ref.value)
     noise = math.hypot(mc.se_noise / ref.value, value * ref.se_noise / ref.value)
     return Estimate(value, sampling, noise)

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from protocols.bundle import BENCHMARK_FORMAT, BENCHMARK_VERSION, check_files, read_manifest
+from protocols.effect import acorn_label, effect_size
 from protocols.errors import SpecError
 from site_agent import crypto
 from site_agent.config import SiteConfig
@@ -151,18 +152,23 @@ def compare(cfg: SiteConfig, doc: Mapping[str, Any]) -> Comparison:
             row["difference"] = round(row["observed_mean_change"] - row["expected_mean_change"], 4)
         rows.append(row)
 
-    ref_sd = _value(doc.get("effect_size_reference_sd"))
+    ref = doc.get("effect_size_reference_sd")
+    ref_sd = _value(ref)
     change = t["change"].to_numpy().astype(float)
     es: dict[str, Any] = {"value": None, "ci95": None, "episodes": int(change.size)}
     if ref_sd and change.size > 1:
-        m, se = change.mean(), change.std(ddof=1) / math.sqrt(change.size)
+        # The clinic's mean change on the benchmark's scale (protocols/effect.py); the
+        # interval adds the reference SD's own uncertainty to the clinic's sampling error.
+        m, se_m = change.mean(), change.std(ddof=1) / math.sqrt(change.size)
+        value = effect_size(float(m), ref_sd)
+        se = math.hypot(se_m / ref_sd, value * _se(ref) / ref_sd)
         es = {
-            "value": round(m / ref_sd, 4),
-            "ci95": _interval(m / ref_sd, se / ref_sd),
+            "value": round(value, 4),
+            "ci95": _interval(value, se),
             "episodes": int(change.size),
             "reference_sd": ref_sd,
         }
-    saes = _severity_adjusted(doc, t, ins, ref_sd, notes)
+    saes = _severity_adjusted(doc, t, ins, ref if isinstance(ref, Mapping) else None, notes)
     on_track = _on_track(doc, t, band, cfg, k_max, notes)
     return Comparison(
         site_id=cfg.site_id,
@@ -176,45 +182,61 @@ def compare(cfg: SiteConfig, doc: Mapping[str, Any]) -> Comparison:
     )
 
 
+def _se(est: Mapping[str, Any] | None) -> float:
+    """A published estimate's whole standard error (sampling and DP noise), 0 if none."""
+    if not isinstance(est, Mapping):
+        return 0.0
+    se = est.get("se")
+    return float(se) if isinstance(se, int | float) and math.isfinite(se) else 0.0
+
+
 def _severity_adjusted(
-    doc: Mapping[str, Any], t: pd.DataFrame, ins: Any, ref_sd: float | None, notes: list[str]
+    doc: Mapping[str, Any], t: pd.DataFrame, ins: Any, ref: Mapping[str, Any] | None,
+    notes: list[str]
 ) -> dict[str, Any]:
     """ACORN: SAES = (reference mean change of clinical-range cases + the clinic's mean
     residual from the benchmark's change-on-intake regression) / reference intake SD,
-    over the clinic's clients whose intake is in the clinical range."""
+    over the clinic's clients whose intake is in the clinical range. Its interval adds
+    the clinic's sampling error and the benchmark's uncertainty (sampling and DP noise of
+    the reference mean change, the regression and the reference SD; intercept and slope
+    add without their covariance, which is not published: a bound, so the label errs
+    towards "not shown"), and the label is decided with it (protocols/effect.py)."""
     reg = doc.get("regression") or {}
     a, b = _value(reg.get("intercept")), _value(reg.get("slope"))
+    ref_sd = _value(ref)
     if a is None or b is None or not ref_sd:
         return {"value": None, "ci95": None, "reason": "the benchmark has no regression"}
     clinical_bands = [x for x in doc["bands"] if is_case(np.array([x["lo"]]), ins)[0]]
     weights = [_value(x["estimates"].get("episodes")) or 0.0 for x in clinical_bands]
-    means = [_value(x["estimates"].get("mean_change")) for x in clinical_bands]
-    pairs = [(w, m) for w, m in zip(weights, means, strict=True) if m is not None and w > 0]
+    means = [x["estimates"].get("mean_change") for x in clinical_bands]
+    pairs = [(w, m) for w, m in zip(weights, means, strict=True)
+             if _value(m) is not None and w > 0]
     if not pairs:
         return {"value": None, "ci95": None, "reason": "no clinical-range benchmark bands"}
-    ref_mean = sum(w * m for w, m in pairs) / sum(w for w, _ in pairs)
+    total_w = sum(w for w, _ in pairs)
+    ref_mean = sum(w * float(_value(m) or 0.0) for w, m in pairs) / total_w
+    se_ref_mean = math.sqrt(sum((w * _se(m)) ** 2 for w, m in pairs)) / total_w
     mine = t[t["case_start"]]
     if len(mine) < 2:
         return {"value": None, "ci95": None, "reason": "fewer than 2 clinical-range episodes"}
-    residual = mine["change"].to_numpy(float) - (a + b * mine["intake"].to_numpy(float))
-    value = (ref_mean + residual.mean()) / ref_sd
-    se = residual.std(ddof=1) / math.sqrt(residual.size) / ref_sd
+    x = mine["intake"].to_numpy(float)
+    residual = mine["change"].to_numpy(float) - (a + b * x)
+    numerator = ref_mean + residual.mean()
+    value = effect_size(numerator, ref_sd)
+    se_clinic = residual.std(ddof=1) / math.sqrt(residual.size)
+    se_line = _se(reg.get("intercept")) + abs(float(x.mean())) * _se(reg.get("slope"))
+    se_numerator = math.hypot(se_clinic, se_ref_mean) + se_line
+    se = math.hypot(se_numerator / ref_sd, value * _se(ref) / ref_sd)
     notes.append(
-        "The severity-adjusted effect size's interval covers this clinic's sampling "
-        "error only; the benchmark's own uncertainty is in its report."
-    )
-    label = (
-        "highly effective"
-        if value - 1.645 * se > 0.8
-        else "effective"
-        if value - 1.645 * se > 0.5
-        else "not shown to be effective"
+        "The severity-adjusted effect size's interval adds this clinic's sampling error "
+        "and the benchmark's uncertainty (sampling and privacy noise); its label is "
+        "decided with that interval, not the point value."
     )
     return {
         "value": round(float(value), 4),
         "ci95": _interval(float(value), float(se)),
         "episodes": int(residual.size),
-        "acorn_label_90pct": label,
+        "acorn_label_90pct": acorn_label(float(value), float(se)),
         "reference_mean_change": round(ref_mean, 4),
     }
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from protocols.effect import effect_size
 from protocols.instruments import Better
 from site_agent.outcomes import JT, MISSING, Episodes, Reliable
 
@@ -66,7 +67,7 @@ def _group(t: pd.DataFrame, ref_sd: float, has_rc: bool) -> dict[str, Any]:
         "mean_intake": _num(float(t["intake"].mean()) if n else math.nan),
         "mean_change": _num(mean_change),
         "sd_change": _num(sd_change),
-        "effect_size": _num(mean_change / ref_sd if ref_sd > 0 else math.nan),
+        "effect_size": _num(effect_size(mean_change, ref_sd)),
         "case_at_intake": int(t["case_start"].sum()),
     }
     rel = t["reliable"].to_numpy()
