@@ -33,6 +33,7 @@ from site_agent.privacy import (
     load_study_request,
 )
 from site_agent.privacy.accounting import zcdp_to_epsilon
+from site_agent.privacy.local_view import local_precision
 from site_agent.report import compare, load_benchmark, write_comparison
 from site_agent.summary import LOCAL_ONLY, summarize
 
@@ -276,6 +277,13 @@ def _preview(args: argparse.Namespace) -> int:
         return _ledger_failed(r.error)
     except Refused as r:
         return _refused(args, r)
+    if "what_leaves" in doc:
+        # Local only: the clinic's own counts beside the noise (reads the export).
+        with contextlib.suppress(DataError, SpecError):
+            doc["local_only"] = {
+                "note": "exact local counts: shown here only, never sent",
+                "bands": local_precision(engine, req.study, doc["what_leaves"]),
+            }
     _emit(args, doc, _print_preview)
     if doc["outcome"] in ("release", "await approval"):  # the export would be read
         # The engine's preview reads no data; this local check does, as `check` would.
@@ -283,6 +291,21 @@ def _preview(args: argparse.Namespace) -> int:
             intake = read_intake(engine.site.data, engine.site.instruments)
             _warn_quarantine(intake.counts, args.config)
     return ExitCode.OK
+
+
+def _print_local(rows: list[dict[str, Any]]) -> None:
+    print("  what the noise means for this clinic's own figures (LOCAL ONLY: exact counts, "
+          "never sent; +/- of this site's release alone, 95%):")
+    print(f"    {'band':<8} {'episodes':>8} {'count':>9} {'intake':>9} {'change':>9} "
+          f"{'rate':>9}")
+    for r in rows:
+        def pm(key: str, r: dict[str, Any] = r) -> str:
+            return "-" if r.get(key) is None else f"+/-{r[key]:g}"
+
+        flag = "  noise larger than the data" if r["noise_larger_than_the_data"] else ""
+        print(f"    {r['band']:<8} {r['episodes_here']:>8} {pm('count_plus_minus'):>9} "
+              f"{pm('mean_intake_plus_minus'):>9} {pm('mean_change_plus_minus'):>9} "
+              f"{pm('rate_plus_minus'):>9}{flag}")
 
 
 def _print_preview(d: dict[str, Any]) -> None:
@@ -298,6 +321,8 @@ def _print_preview(d: dict[str, Any]) -> None:
                 f"    {b['block']:<22} {b['family']:<11} {b['values']:>6} "
                 f"{b['noise_scale']:>10} {b['plus_minus_95']:>10}"
             )
+        if "local_only" in d:
+            _print_local(d["local_only"]["bands"])
         c = d["cost"]
         print(
             f"  cost: rho {c['rho']:.6g} = epsilon {c['epsilon']:.4g} at delta {c['delta']:g} "

@@ -28,7 +28,7 @@ def test_effect_size_is_mean_change_over_the_reference_sd() -> None:
 )
 def test_the_label_is_decided_with_the_interval(value: float, se: float, label: str) -> None:
     assert acorn_label(value, se) == label
-    assert LABEL_Z == pytest.approx(1.6448536, rel=1e-6)
+    assert pytest.approx(1.6448536, rel=1e-6) == LABEL_Z
 
 
 def _doc(se: float) -> dict[str, object]:

@@ -333,3 +333,40 @@ def test_a_read_only_state_dir_is_permission_denied(
     finally:
         for p, mode in modes.items():
             p.chmod(mode)
+
+
+def test_preview_shows_the_noise_beside_the_clinics_own_counts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Local only: the exact episode count per band next to the +/- the release would add
+    to its count, mean change and a rate; 'noise larger than the data' where it is."""
+    from site_agent.config import load_site_config  # noqa: PLC0415
+    from site_agent.data import read_intake  # noqa: PLC0415
+    from site_agent.outcomes import derive_episodes  # noqa: PLC0415
+    from site_agent.privacy.statistics import select_episodes  # noqa: PLC0415
+
+    from .privacy_helpers import request  # noqa: PLC0415
+
+    config = make_site(tmp_path / "clinic", POLICY)
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"study": STUDY}))
+    assert main(["preview", "--config", str(config), "--study", str(study), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    rows = doc["local_only"]["bands"]
+    cfg = load_site_config(config)
+    ep = derive_episodes(read_intake(cfg.data, cfg.instruments).records, cfg.instruments,
+                         20)["PHQ-9"]
+    sel = select_episodes(ep, request().study, 1)
+    assert [r["episodes_here"] for r in rows] == [int((sel.band == i).sum()) for i in range(4)]
+    # A clinic of 60-90 clients at rho 0.05: the noise swamps its own figures.
+    assert all(r["noise_larger_than_the_data"] for r in rows)
+    assert all(r["count_plus_minus"] > 0 for r in rows)
+    assert main(["preview", "--config", str(config), "--study", str(study)]) == 0
+    assert "LOCAL ONLY" in capsys.readouterr().out
+    # Negative control: the same clinic at a very large rho is not flagged.
+    big = POLICY | {"per_study": {"rho": 50}, "budget": {"rho": 100, "period_days": 365}}
+    config = make_site(tmp_path / "big", big)
+    study.write_text(yaml.safe_dump({"study": STUDY | {"privacy": {"rho": 50}}}))
+    assert main(["preview", "--config", str(config), "--study", str(study), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["local_only"]["bands"]
+    assert not any(r["noise_larger_than_the_data"] for r in rows if r["episodes_here"] >= 5)
