@@ -315,7 +315,7 @@ def _print_preview(d: dict[str, Any]) -> None:
     print(f"  study hash {d['study_hash']}; instrument {d['instrument']}; bands {d['bands']}")
     if "what_leaves" in d:
         print("  what would leave (each value noised; +/- is the 95% noise interval, in the "
-              "block's encoded units: see protocols/layout.py and the local view below):")
+              "block's encoded units (docs/PRIVACY.md); the local view below decodes them):")
         print(f"    {'block':<22} {'family':<11} {'values':>6} {'scale':>10} {'+/-95%':>10}")
         for b in d["what_leaves"]:
             print(
