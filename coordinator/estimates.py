@@ -31,7 +31,7 @@ from coordinator.pooling import Pooled
 from protocols.effect import effect_size
 from protocols.instruments import Better
 from protocols.layout import COUNT_BLOCK, TOLERANCES, category_possible, trajectory_groups
-from protocols.study import Family, Study
+from protocols.study import Family
 
 __all__ = ["MAX_DENOMINATOR_NOISE", "MIN_EPISODES", "Estimate", "Tables", "estimate_all"]
 
@@ -181,14 +181,8 @@ RATES = (
     ("recovered", "recovery_rate"),
     ("reliably_recovered", "reliable_recovery_rate"),
 )
-KIND = {  # each published figure's kind: its clinical tolerance (protocols/layout.py)
-    "episodes": "episodes",
-    "mean_intake": "mean_intake",
-    "mean_change": "mean_change",
-    "sd_change": "sd_change",
-    "effect_size": "effect_size",
-    **{label: "rate" for _, label in RATES},
-}
+RELIABLE_CATEGORIES = frozenset({"reliably_improved", "reliably_deteriorated",
+                                 "reliably_recovered"})
 NOT_ESTIMABLE_FACTOR = 2.0
 """A figure whose DP noise alone has an SD over this many times its clinical tolerance is
 published as not estimable at this budget instead of being headlined."""
@@ -345,10 +339,8 @@ def estimate_all(p: Pooled) -> Tables:
                                  bounds=(0.0, math.inf)), "sd_change")
                 est["effect_size"] = _precise(_effect_size(p, mc, change_of, stats, ref),
                                               "effect_size")
-        if "reliably_improved" in has or any(n_ in has for n_, _ in RATES):
+        if Family.CATEGORIES in study.families:
             for name, label in RATES:
-                if name not in has and not _known_category(study, i, name):
-                    continue
                 est[label] = _category_rate(p, band, name, problem)
         bands.append({"band": f"{lo}-{hi}", "lo": lo, "hi": hi, "estimates": est})
     return Tables(
@@ -361,11 +353,6 @@ def estimate_all(p: Pooled) -> Tables:
     )
 
 
-def _known_category(study: Study, band: int, name: str) -> bool:
-    """Whether the categories family is asked (so the category's rate is published)."""
-    return Family.CATEGORIES in study.families
-
-
 def _category_rate(p: Pooled, band: _Band, name: str, problem: str | None) -> Estimate:
     """A category's rate over its denominator: known by definition where the band fixes
     it, else decoded from the centred sum (protocols/layout.py)."""
@@ -375,6 +362,8 @@ def _category_rate(p: Pooled, band: _Band, name: str, problem: str | None) -> Es
     possible = category_possible(ins, lo, hi, name)
     cases = category_possible(ins, lo, hi, "case_at_intake")
     over_cases = name in ("recovered", "reliably_recovered")
+    if name in RELIABLE_CATEGORIES and ins.reliable_change is None:
+        return suppressed(f"{ins.id} has no reliable-change value: no reliable categories")
     if over_cases and cases is False:
         return suppressed(f"no intake in {lo}-{hi} is at caseness (by definition): no rate")
     if possible is None:
