@@ -198,3 +198,17 @@ def test_the_fit_intervals_bound_correlated_sampling_error_and_add_noise_exactly
 def test_the_fit_needs_three_sessions() -> None:
     a, b = _fit_log_curve([0.0, 0.7], _session_means([1.0, 2.0], [0.1, 0.1], [0.1, 0.1]))
     assert a.value is None and b.value is None and a.suppressed
+
+
+def test_reliable_rates_are_not_defined_without_a_reliable_change_value() -> None:
+    study = parse_study({"id": "w", "instrument": "WSAS",
+                         "window": {"start": "2026-01-01", "end": "2026-12-31"},
+                         "families": ["counts", "categories"], "privacy": {"rho": 0.1}})
+    names = {b.name for b in block_layout(study)}
+    assert not names & {"reliably_improved", "reliably_deteriorated", "reliably_recovered"}
+    fill = {"episodes": np.full(len(study.bands), 500.0)}
+    tables = estimate_all(_pooled(study, fill, 1.0))
+    for band in tables.bands:
+        ri = band["estimates"]["reliable_improvement_rate"]
+        assert ri.value is None and "no reliable-change value" in str(ri.suppressed)
+        assert band["estimates"]["response_rate"].value is not None
