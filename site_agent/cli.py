@@ -277,19 +277,21 @@ def _preview(args: argparse.Namespace) -> int:
         return _ledger_failed(r.error)
     except Refused as r:
         return _refused(args, r)
-    if "what_leaves" in doc:
-        # Local only: the clinic's own counts beside the noise (reads the export).
+    intake = None
+    if doc["outcome"] in ("release", "await approval") or "what_leaves" in doc:
+        # The engine's preview reads no data; the local view and warning below do, once.
+        with contextlib.suppress(DataError):
+            intake = read_intake(engine.site.data, engine.site.instruments)
+    if "what_leaves" in doc and intake is not None:
+        # Local only: the clinic's own counts beside the noise.
         with contextlib.suppress(DataError, SpecError):
             doc["local_only"] = {
                 "note": "exact local counts: shown here only, never sent",
-                "bands": local_precision(engine, req.study, doc["what_leaves"]),
+                "bands": local_precision(engine, req.study, doc["what_leaves"], intake),
             }
     _emit(args, doc, _print_preview)
-    if doc["outcome"] in ("release", "await approval"):  # the export would be read
-        # The engine's preview reads no data; this local check does, as `check` would.
-        with contextlib.suppress(DataError):
-            intake = read_intake(engine.site.data, engine.site.instruments)
-            _warn_quarantine(intake.counts, args.config)
+    if intake is not None and doc["outcome"] in ("release", "await approval"):
+        _warn_quarantine(intake.counts, args.config)
     return ExitCode.OK
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from protocols.layout import COUNT_BLOCK, block_layout
 from protocols.study import Study
-from site_agent.data import read_intake
+from site_agent.data import Intake
 from site_agent.outcomes import derive_episodes
 from site_agent.privacy.engine import ReleaseEngine
 from site_agent.privacy.statistics import select_episodes
@@ -28,12 +28,15 @@ Z95 = 1.959963984540054
 
 
 def local_precision(
-    engine: ReleaseEngine, study: Study, what_leaves: Sequence[Mapping[str, Any]]
+    engine: ReleaseEngine,
+    study: Study,
+    what_leaves: Sequence[Mapping[str, Any]],
+    intake: Intake,
 ) -> list[dict[str, Any]]:
-    """Per band: the clinic's episodes (exact, local) and the 95% noise +/- this site's
-    release alone would add to its count, mean intake, mean change and a rate."""
+    """Per band: the clinic's episodes (exact, local; from ``intake``, the export as read)
+    and the 95% noise +/- this site's release alone would add to its count, mean intake,
+    mean change and a rate."""
     site = engine.site
-    intake = read_intake(site.data, site.instruments)
     instruments = {**site.instruments, study.instrument.id: study.instrument}
     ep = derive_episodes(intake.records, instruments, study.max_session).get(study.instrument.id)
     counts = np.zeros(len(study.bands), dtype=np.int64)
