@@ -47,7 +47,7 @@ What runs is the site's: a ``ReleaseEngine`` per data set (ledger in tmp_path wi
 budget) plans the study (``block_layout``, ``budget_weights``, ``compile_block`` at the
 study's shares) and computes the exact blocks (``ReleaseEngine._exact``: read_intake ->
 derive_episodes -> select_episodes -> exact_blocks). A full engine release costs about
-0.1-0.3 s, too slow for tens of thousands, so the draws come from the engine's own compiled
+0.1 s, too slow for tens of thousands, so the draws come from the engine's own compiled
 measurements (``CompiledBlock.release`` of a twin holding many copies, as in
 test_coverage.py), and a handful of full releases check that the engine releases exactly
 those blocks (names, scales, rho, sensitivities, centred on the exact values). Only the
@@ -66,15 +66,16 @@ whose bound is the most intricate). 20,000 draws per side per check; alpha = 1e-
 (about 70 checks: a correct release path fails one with probability below 1e-4, in practice
 never: the bounds are at most 0.6 of the claims).
 
-Measured (the fixtures print the whole table): at delta 1e-2 the whole release's bound is
-1.94 (wide) and 2.13 (narrow) against the site's claim of 3.59 (at 1e-6: 2.22 and 2.24
-against 6.58); per block at most 0.54 of its claim (traj_sum 0.91 / 1.73, change_hist
-0.54 / 1.18); the blocks with a share of a few percent (rho below 0.03) have bounds near 0:
-at these draws the audit has power only for the large blocks and the whole release, and the
-property tests (tests/unit/site_agent/test_statistics.py) carry the others' sensitivities.
-The negative control: 2.46 against its claim of 1.73 at delta 1e-2 (its true epsilon, at
-four times the rho, is 4.26), caught; at 1e-6 2.57 against 3.49, not. 3.2 million discrete
-Gaussian draws, 89 s; the whole file 105 s on 2 cores (a full engine release: 0.095 s).
+Measured in two runs (the fixtures print the whole table): at delta 1e-2 the whole
+release's bound is 1.94-2.13 against the site's claim of 3.59 (at 1e-6: 2.17-2.24 against
+6.58); per block at most 0.53 of its claim (traj_sum 0.88-0.92 / 1.73, change_hist
+0.54-0.58 / 1.18, traj_n 0.47 / 1.02); the blocks with a share of a few percent (rho below
+0.03) have bounds near 0: at these draws the audit has power only for the large blocks and
+the whole release, and the property tests (tests/unit/site_agent/test_statistics.py) carry
+the others' sensitivities. The negative control: 2.35-2.46 against its claim of 1.73 at
+delta 1e-2 (its true epsilon, at four times the rho, is 4.26): caught; at 1e-6 2.51-2.57
+against 3.49: not. 3.2 million discrete Gaussian draws, 90 s; the whole file 105 s on 2
+cores; a full engine release of this 200-client clinic 0.08-0.1 s.
 """
 
 from __future__ import annotations
@@ -213,7 +214,7 @@ def test_the_bound_is_tight_and_valid_on_known_gaussians() -> None:
         for _ in range(100):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if delta_of(mid) > 1e-2 else (lo, mid)
-        assert 0.6 * lo < b.epsilon < lo, (mu, b, lo)
+        assert 0.5 * lo < b.epsilon < lo, (mu, b, lo)  # measured 0.65-0.78 of it
     # nothing to tell apart: no bound
     same = epsilon_lower_bound(rng.normal(0, 1, 50_000), rng.normal(0, 1, 50_000), 1e-2)
     assert same.epsilon < 0.1
@@ -278,7 +279,7 @@ def neighbours(tmp_path_factory: pytest.TempPathFactory) -> Neighbours:
     for other in plans.values():  # the plan reads no data: the same on every data set
         assert [(b.spec, b.scale, b.rho, b.d_in) for b in other.blocks] == [
             (b.spec, b.scale, b.rho, b.d_in) for b in plan.blocks]
-    exact = {name: eng._exact(plan) for name, eng in engines.items()}
+    exact = {name: eng._exact(plan, on_intake=None) for name, eng in engines.items()}
     return Neighbours(engines=engines, plan=plan, exact=exact,
                       seconds=time.perf_counter() - start)
 
