@@ -54,6 +54,7 @@ Regression and reference-SD figures pool every band and are not in the model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -395,7 +396,7 @@ def _with_demand(study: Study, blocks: list[BlockSpec]) -> list[BlockSpec]:
     sd_change, ref_sd = _SD_CHANGE * big_w, _SD_INTAKE * big_w
     groups = trajectory_groups(study.max_session)
 
-    def add(name: str, band: int, g: float, tol: float, share: float = 1.0, col: int = 0) -> None:
+    def add(name: str, band: int, g: float, tol: float, share: float = 1.0) -> None:
         b = by.get(name)
         if b is None or not b.released(band) or g == 0:
             return
@@ -434,18 +435,15 @@ def _with_demand(study: Study, blocks: list[BlockSpec]) -> list[BlockSpec]:
             density = 1 / (math.sqrt(2 * math.pi) * sd_change) / 2  # a quantile off the mode
             add("change_hist", i, math.sqrt(bins / 4) / density * math.sqrt(_QUANTILES),
                 TOLERANCES["quantile"])
-        for k, (first, _) in enumerate(groups):
+        for first, _ in groups:
             share = _retention(first)
-            add("traj_sum", i, 1.0, TOLERANCES["trajectory_mean"], share, k)
-            add("traj_sum_sq", i, 1 / (8 * sd_change), TOLERANCES["trajectory_sd"], share, k)
+            add("traj_sum", i, 1.0, TOLERANCES["trajectory_mean"], share)
+            add("traj_sum_sq", i, 1 / (8 * sd_change), TOLERANCES["trajectory_sd"], share)
             c_lo, c_hi = change_bounds(ins, lo, hi)
             typical = _IMPROVEMENT * abs(mid - better_end) * min(1.0, math.log(first) / 2)
             add("traj_n", i, abs(typical - (c_lo + c_hi) / 2), TOLERANCES["trajectory_mean"],
-                share, k)
-    return [
-        BlockSpec(**{f: getattr(b, f) for f in b.__dataclass_fields__} | {"demand": demand[b.name]})
-        for b in blocks
-    ]
+                share)
+    return [dataclasses.replace(b, demand=demand[b.name]) for b in blocks]
 
 
 COUNT_SHARE = Fraction(8, 100)
