@@ -3,7 +3,8 @@ noise (known scales) and sampling error.
 
 Every estimate is a smooth function f of summed statistics. Its variance is
 
-    sampling variance (the usual formula for the estimator, from the pooled data)
+    sampling variance (first order, from the pooled data; coordinator.moments where the
+                       data are not normal)
   + noise variance    (sum over the statistics s of (df/ds)^2 * var(noise of s)),
 
 where the noise variances are known exactly from the sites' published scales and the
@@ -27,6 +28,15 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.moments import (
+    BandMoments,
+    Shape,
+    maxent_moments,
+    pooled_kurtosis,
+    regression_sampling,
+    sample_moments,
+    sd_se,
+)
 from coordinator.pooling import Pooled
 from protocols.effect import effect_size
 from protocols.instruments import Better
@@ -143,9 +153,7 @@ def sd(
     value = f({"s": total[0], "q": squares[0], "n": n[0]})
     if value <= 0:
         return suppressed("the noisy sums give no positive spread")
-    return Estimate(
-        value, value / math.sqrt(2 * (n[0] - 1)), _noise_se(f, stats), bounds=(0.0, math.inf)
-    )
+    return Estimate(value, sd_se(value, n[0]), _noise_se(f, stats), bounds=(0.0, math.inf))
 
 
 def rate(k: tuple[float, float], n: tuple[float, float], what: str = "episodes") -> Estimate:
@@ -278,8 +286,7 @@ def estimate_all(p: Pooled) -> Tables:
     has = set(p.blocks)
     sign = 1.0 if ins.better is Better.HIGHER else -1.0  # change = sign * (final - intake)
     centre_g = (ins.lo + ins.hi) / 2
-    ref = _reference_sd(p) if "sum_final" in has else suppressed(
-        "the study has no change family")
+    ref = _Reference(p) if "sum_final" in has else None
     bands: list[dict[str, Any]] = []
     for i, (lo, hi) in enumerate(study.bands):
         band = _Band(p, i)
@@ -334,10 +341,11 @@ def estimate_all(p: Pooled) -> Tables:
                         return math.sqrt(max(var_change(x), 1e-12))
 
                     value = math.sqrt(v_change)
+                    shape = _change_shape(p, i)
                     est["sd_change"] = _precise(
-                        Estimate(value, value / math.sqrt(2 * (n - 1)), _noise_se(sd_of, stats),
+                        Estimate(value, sd_se(value, n, shape.kurtosis), _noise_se(sd_of, stats),
                                  bounds=(0.0, math.inf)), "sd_change")
-                est["effect_size"] = _precise(_effect_size(p, mc, change_of, stats, ref),
+                est["effect_size"] = _precise(_effect_size(p, i, mc, change_of, ref),
                                               "effect_size")
         if Family.CATEGORIES in study.families:
             for name, label in RATES:
@@ -349,7 +357,7 @@ def estimate_all(p: Pooled) -> Tables:
         trajectory=_trajectory(p) if "traj_n" in has else [],
         trajectory_fit=_trajectory_fit(p) if "traj_n" in has else [],
         regression=_regression(p) if "sum_final" in has else {},
-        reference_sd=ref,
+        reference_sd=ref.estimate if ref else suppressed("the study has no change family"),
     )
 
 
@@ -404,64 +412,142 @@ def _category_rate(p: Pooled, band: _Band, name: str, problem: str | None) -> Es
     return _precise(est, "rate")
 
 
-def _reference_sd(p: Pooled) -> Estimate:
-    """SD of intake over all bands, from the bands' centred sums by the parallel-axis
-    rule: sum x = sum_b (n c_b + sum u / 2), sum x^2 = sum_b (n c_b^2 + c_b sum u + sum u^2 / 4)
-    with c_b the band's centre (u = 2 (x - c_b))."""
-    stats: dict[str, tuple[float, float]] = {}
-    bands = [_Band(p, i) for i in range(len(p.study.bands))]
-    for i, b in enumerate(bands):
-        stats |= _change_stats(b, str(i))
-    centres = [(lo + hi) / 2 for lo, hi in p.study.bands]
+def _change_shape(p: Pooled, i: int) -> Shape:
+    """The shape of change in band ``i`` from its released histogram; without one, the
+    normal shape (the textbook SEs)."""
+    block = p.blocks.get("change_hist")
+    if block is None:
+        return Shape()
+    c_lo, c_hi = block.spec.raw[i]
+    bins = c_hi - c_lo + 1
+    shape = sample_moments(np.arange(c_lo, c_hi + 1, dtype=np.float64),
+                           np.asarray(block.values[i, :bins], dtype=np.float64))
+    return shape or Shape()
 
-    def parts(x: Mapping[str, float]) -> tuple[float, float, float]:
+
+def _band_moments(p: Pooled, i: int, x: Mapping[str, float], key: str = "") -> BandMoments:
+    """Band ``i``'s moments of intake x = c_b + u / 2 and change c = sign (f - x), f = C +
+    g / 2, from its released sums in ``x``, each moved into the range the band allows
+    (noisy sums may imply a mean outside the band or a negative variance)."""
+    ins = p.study.instrument
+    sign = 1.0 if ins.better is Better.HIGHER else -1.0
+    lo, hi = p.study.bands[i]
+    if x["n" + key] <= 0:
+        return BandMoments(n=0.0, mean_x=(lo + hi) / 2, var_x=0.0, mean_c=0.0, var_c=0.0,
+                           cov_xc=0.0)
+    m = _moments(_Band(p, i), x, key)
+    span = ins.hi - ins.lo
+    mean_x = min(max((lo + hi) / 2 + m["mu"] / 2, lo), hi)
+    var_x = min(max(m["vu"] / 4, 0.0), ((hi - lo) / 2) ** 2)
+    mean_f = (ins.lo + ins.hi) / 2 + m["mg"] / 2
+    var_f, cov_xf = m["vg"] / 4, m["cug"] / 4
+    var_c = min(max(var_f + var_x - 2 * cov_xf, 0.0), float(span * span))
+    bound = math.sqrt(var_x * var_c)
+    return BandMoments(
+        n=m["n"], mean_x=mean_x, var_x=var_x,
+        mean_c=min(max(sign * (mean_f - mean_x), -span), span), var_c=var_c,
+        cov_xc=min(max(sign * (cov_xf - var_x), -bound), bound), change=_change_shape(p, i))
+
+
+class _Reference:
+    """The SD of intake over all bands, from the bands' centred sums by the parallel-axis
+    rule: sum x = sum_b (n c_b + sum u / 2), sum x^2 = sum_b (n c_b^2 + c_b sum u + sum u^2 / 4)
+    with c_b the band's centre (u = 2 (x - c_b)). Its sampling SE uses the kurtosis of
+    intake (coordinator.moments): intake spread over a whole scale is flatter than normal,
+    and the textbook SE was 1.45 times too wide."""
+
+    def __init__(self, p: Pooled) -> None:
+        self.p = p
+        self.bands = [_Band(p, i) for i in range(len(p.study.bands))]
+        self.stats: dict[str, tuple[float, float]] = {}
+        for i, b in enumerate(self.bands):
+            self.stats |= _change_stats(b, str(i))
+        self.x0 = {k: v for k, (v, _) in self.stats.items()}
+        self.estimate = self._estimate()
+
+    def parts(self, x: Mapping[str, float]) -> tuple[float, float, float]:
         n = sx = sxx = 0.0
-        for i, b in enumerate(bands):
+        for i, b in enumerate(self.bands):
             k = str(i)
+            lo, hi = self.p.study.bands[i]
+            c = (lo + hi) / 2
             nb = x["n" + k]
             su = b.decode("sum_intake", x["U" + k], nb)
             suu = b.decode("sum_intake_sq", x["UU" + k], nb)
-            c = centres[i]
             n += nb
             sx += nb * c + su / 2
             sxx += nb * c * c + c * su + suu / 4
         return n, sx, sxx
 
-    def sd_of(x: Mapping[str, float]) -> float:
-        n, sx, sxx = parts(x)
+    def sd_of(self, x: Mapping[str, float]) -> float:
+        n, sx, sxx = self.parts(x)
         return math.sqrt(max((sxx - sx * sx / n) / (n - 1), 1e-12))
 
-    x0 = {k: v for k, (v, _) in stats.items()}
-    n, sx, sxx = parts(x0)
-    problem = _denominator_problem(n, sum(v for k, (_, v) in stats.items() if k[0] == "n"))
-    if problem:
-        return suppressed(problem)
-    var = (sxx - sx * sx / n) / (n - 1)
-    if var <= 0:
-        return suppressed("the noisy sums give no positive spread")
-    value = math.sqrt(var)
-    return _precise(Estimate(value, value / math.sqrt(2 * (n - 1)), _noise_se(sd_of, stats),
-                             bounds=(0.0, math.inf)), "reference_sd")
+    def band(self, i: int) -> BandMoments:
+        return _band_moments(self.p, i, self.x0, str(i))
+
+    def kurtosis(self) -> float:
+        """Of intake over all bands: each band's own shape the maximum-entropy one on its
+        scores with its released mean and variance."""
+        parts = []
+        for i, (lo, hi) in enumerate(self.p.study.bands):
+            b = self.band(i)
+            if b.n <= 0:
+                continue
+            m3, m4 = maxent_moments(lo, hi, b.mean_x, b.var_x)
+            parts.append((b.n, b.mean_x, max(b.var_x, 0.0), m3, m4))
+        return pooled_kurtosis(parts)
+
+    def _estimate(self) -> Estimate:
+        n, sx, sxx = self.parts(self.x0)
+        problem = _denominator_problem(
+            n, sum(v for k, (_, v) in self.stats.items() if k[0] == "n"))
+        if problem:
+            return suppressed(problem)
+        var = (sxx - sx * sx / n) / (n - 1)
+        if var <= 0:
+            return suppressed("the noisy sums give no positive spread")
+        value = math.sqrt(var)
+        return _precise(Estimate(value, sd_se(value, n, self.kurtosis()),
+                                 _noise_se(self.sd_of, self.stats), bounds=(0.0, math.inf)),
+                        "reference_sd")
 
 
 def _effect_size(
     p: Pooled,
+    i: int,
     mc: Estimate,
     change_of: Callable[[Mapping[str, float]], float],
-    stats: Stats,
-    ref: Estimate,
+    ref: _Reference | None,
 ) -> Estimate:
-    """Mean change in the band / SD of intake over all bands (one reference SD for every
-    band, so that bands compare; a within-band SD would inflate narrow bands). The noise
-    of the reference SD is added as independent of the band's (it pools every band)."""
+    """Mean change in band ``i`` / SD of intake over all bands (one reference SD for every
+    band, so that bands compare; a within-band SD would inflate narrow bands).
+
+    Both rest on the band's sums, so neither error is added as independent: the noise term
+    is the delta method on the ratio as one function of every band's sums, and the sampling
+    term carries Cov(mean change, S) = Cov(mean change, S^2) / (2 S), with Cov(mean change,
+    S^2) = 2 (mean intake_b - mean intake) Cov_b(change, intake) / N to first order (the
+    band's third moments, not released, taken as zero)."""
     if mc.value is None:
         return mc
-    if ref.value is None:
-        return suppressed(f"no reference SD: {ref.suppressed}")
-    value = effect_size(mc.value, ref.value)
-    sampling = math.hypot(mc.se_sampling / ref.value, value * ref.se_sampling / ref.value)
-    noise = math.hypot(mc.se_noise / ref.value, value * ref.se_noise / ref.value)
-    return Estimate(value, sampling, noise)
+    if ref is None:
+        return suppressed("no reference SD: the study has no change family")
+    if ref.estimate.value is None:
+        return suppressed(f"no reference SD: {ref.estimate.suppressed}")
+    s = ref.estimate.value
+    value = effect_size(mc.value, s)
+    keys = ("n", *(short for short, _ in _CHANGE_STATS))
+    suffix = str(i)
+
+    def ratio(x: Mapping[str, float]) -> float:
+        return change_of({k: x[k + suffix] for k in keys}) / ref.sd_of(x)
+
+    n, sx, _ = ref.parts(ref.x0)
+    b = ref.band(i)
+    cov = (b.mean_x - sx / n) * b.cov_xc / (n * s)  # Cov(mean change, S)
+    var = ((mc.se_sampling / s) ** 2 + (value * ref.estimate.se_sampling / s) ** 2
+           - 2 * mc.value * cov / s**3)
+    return Estimate(value, math.sqrt(max(var, 0.0)), _noise_se(ratio, ref.stats))
 
 
 def _quantiles(p: Pooled) -> list[dict[str, Any]]:
@@ -544,9 +630,10 @@ def _trajectory_means(p: Pooled, i: int) -> list[tuple[tuple[int, int], Estimate
                 return math.sqrt(max(var_of(x), 1e-12))
 
             value = math.sqrt(var)
-            spread = _precise(Estimate(value, value / math.sqrt(2 * (n - 1)),
-                                       _noise_se(sd_of, stats), bounds=(0.0, math.inf)),
-                              "trajectory_sd")
+            # Normal theory: the change histogram is of the final change, not of this
+            # review group's.
+            spread = _precise(Estimate(value, sd_se(value, n), _noise_se(sd_of, stats),
+                                       bounds=(0.0, math.inf)), "trajectory_sd")
         out.append((group, m, spread))
     return out
 
@@ -646,7 +733,8 @@ def _fit_log_curve(xs: list[float], means: list[Estimate]) -> tuple[Estimate, Es
 
 def _regression(p: Pooled) -> dict[str, Any]:
     """Change on intake over all bands: expected change = intercept + slope * intake, from
-    the bands' centred sums by the parallel-axis rule (x = c_b + u / 2, f = C + g / 2)."""
+    the bands' centred sums by the parallel-axis rule (x = c_b + u / 2, f = C + g / 2);
+    sampling SEs from coordinator.moments.regression_sampling (sandwich, residual kurtosis)."""
     study = p.study
     ins = study.instrument
     sign = 1.0 if ins.better is Better.HIGHER else -1.0
@@ -711,14 +799,16 @@ def _regression(p: Pooled) -> dict[str, Any]:
     if resid_var <= 0:
         out["residual_sd"] = suppressed("the noisy sums give no positive residual spread"
                                         ).as_json()
-    resid = math.sqrt(max(resid_var, 0.0))
-    sampling = (
-        resid * math.sqrt(1 / n + mean_x**2 / sxx),
-        resid / math.sqrt(sxx),
-        resid / math.sqrt(2 * (n - 2)),
-    )
+    # Heteroscedasticity-consistent: the spread of change grows with intake, and the
+    # intercept extrapolates to intake 0 (the textbook SE overstated it by 1.2x).
+    sampling = regression_sampling(
+        [_band_moments(p, i, x0, str(i)) for i in range(len(study.bands))], values[0], values[1])
     for j, name in enumerate(names):
         if name in out:
+            continue
+        if not math.isfinite(sampling[j]):
+            out[name] = suppressed("the noisy sums do not determine its sampling error"
+                                   ).as_json()
             continue
 
         def component(v: Mapping[str, float], j: int = j) -> float:
